@@ -1,0 +1,238 @@
+//! The whole configuration surface of `pgcast serve`, validated once at start-up.
+//!
+//! Values come from, in order of precedence: command-line flags, `PGCAST_*` environment variables
+//! (both through [`ConfigOverrides`], which the CLI fills), the TOML file given with `--config`,
+//! then defaults. A bad or missing value is a [`ConfigError`] whose message names the key.
+//!
+//! This module does not connect to anything; it only checks shape and ranges.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
+pub const DEFAULT_PUBLICATION: &str = "pgcast";
+pub const DEFAULT_SLOT: &str = "pgcast";
+pub const DEFAULT_OUTBOUND_QUEUE: usize = 1024;
+pub const DEFAULT_HEARTBEAT_TIMEOUT_SECS: u64 = 60;
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+const MIN_JWT_SECRET_LEN: usize = 16;
+
+/// A configuration value that is missing or wrong; the message names the key and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("{key} is required (set it in the config file, as {env}, or with --{flag})")]
+    Missing { key: &'static str, env: &'static str, flag: &'static str },
+    #[error("invalid {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Values given on the command line or in the environment; `None` means "not given".
+#[derive(Debug, Default, Clone)]
+pub struct ConfigOverrides {
+    pub database_url: Option<String>,
+    pub listen: Option<String>,
+    pub jwt_secret: Option<String>,
+    pub publication: Option<String>,
+    pub slot: Option<String>,
+}
+
+/// The TOML file's shape. Unknown keys are an error so a typo is not silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    database_url: Option<String>,
+    listen: Option<String>,
+    jwt_secret: Option<String>,
+    publication: Option<String>,
+    slot: Option<String>,
+    outbound_queue: Option<usize>,
+    heartbeat_timeout_secs: Option<u64>,
+    max_message_bytes: Option<usize>,
+}
+
+/// Validated configuration for one server.
+#[derive(Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub listen: SocketAddr,
+    pub jwt_secret: String,
+    pub publication: String,
+    pub slot: String,
+    /// Messages a connection may have queued before it is cut off as too slow.
+    pub outbound_queue: usize,
+    /// A client that sends nothing (not even a heartbeat) for this long is disconnected.
+    pub heartbeat_timeout: Duration,
+    /// Largest client frame accepted; larger frames close the connection with a reason.
+    pub max_message_bytes: usize,
+}
+
+impl std::fmt::Debug for Config {
+    // Hand-written so the JWT secret and the database password never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("publication", &self.publication)
+            .field("slot", &self.slot)
+            .field("outbound_queue", &self.outbound_queue)
+            .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Reads the optional file, applies overrides and defaults, and validates everything.
+    pub fn load(file: Option<&Path>, overrides: ConfigOverrides) -> Result<Config, ConfigError> {
+        let from_file = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::ReadFile { path: path.into(), source })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::ParseFile {
+                    path: path.into(),
+                    message: e.message().to_string(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let database_url = overrides.database_url.or(from_file.database_url).ok_or(ConfigError::Missing {
+            key: "database_url",
+            env: "PGCAST_DATABASE_URL",
+            flag: "database-url",
+        })?;
+        database_url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| ConfigError::Invalid { key: "database_url", message: e.to_string() })?;
+        let listen_text = overrides.listen.or(from_file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen = listen_text.parse::<SocketAddr>().map_err(|_| ConfigError::Invalid {
+            key: "listen",
+            message: format!("{listen_text:?} is not an address like 127.0.0.1:4000"),
+        })?;
+        let jwt_secret = overrides.jwt_secret.or(from_file.jwt_secret).ok_or(ConfigError::Missing {
+            key: "jwt_secret",
+            env: "PGCAST_JWT_SECRET",
+            flag: "jwt-secret",
+        })?;
+        if jwt_secret.len() < MIN_JWT_SECRET_LEN {
+            return Err(ConfigError::Invalid {
+                key: "jwt_secret",
+                message: format!("must be at least {MIN_JWT_SECRET_LEN} characters"),
+            });
+        }
+        let publication = overrides
+            .publication
+            .or(from_file.publication)
+            .unwrap_or_else(|| DEFAULT_PUBLICATION.to_string());
+        check_identifier("publication", &publication)?;
+        let slot = overrides.slot.or(from_file.slot).unwrap_or_else(|| DEFAULT_SLOT.to_string());
+        check_identifier("slot", &slot)?;
+        let outbound_queue = from_file.outbound_queue.unwrap_or(DEFAULT_OUTBOUND_QUEUE);
+        if !(16..=1_000_000).contains(&outbound_queue) {
+            return Err(ConfigError::Invalid {
+                key: "outbound_queue",
+                message: "must be between 16 and 1000000 messages".into(),
+            });
+        }
+        let heartbeat_secs = from_file.heartbeat_timeout_secs.unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT_SECS);
+        if !(5..=3600).contains(&heartbeat_secs) {
+            return Err(ConfigError::Invalid {
+                key: "heartbeat_timeout_secs",
+                message: "must be between 5 and 3600 seconds".into(),
+            });
+        }
+        let max_message_bytes = from_file.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+        if !(1024..=64 * 1024 * 1024).contains(&max_message_bytes) {
+            return Err(ConfigError::Invalid {
+                key: "max_message_bytes",
+                message: "must be between 1024 and 67108864 bytes".into(),
+            });
+        }
+        Ok(Config {
+            database_url,
+            listen,
+            jwt_secret,
+            publication,
+            slot,
+            outbound_queue,
+            heartbeat_timeout: Duration::from_secs(heartbeat_secs),
+            max_message_bytes,
+        })
+    }
+}
+
+/// Publication and slot names go into SQL and replication commands unquoted, so they are held to
+/// PostgreSQL's rule for slot names: lower-case letters, digits and underscores, at most 63.
+fn check_identifier(key: &'static str, value: &str) -> Result<(), ConfigError> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            message: format!("{value:?} must be 1-63 characters of a-z, 0-9 and _"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overrides() -> ConfigOverrides {
+        ConfigOverrides {
+            database_url: Some("postgres://u@localhost/db".into()),
+            jwt_secret: Some("0123456789abcdef0123".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_apply_when_only_required_values_are_given() {
+        let config = Config::load(None, overrides()).unwrap();
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.publication, "pgcast");
+        assert_eq!(config.slot, "pgcast");
+    }
+
+    #[test]
+    fn missing_database_url_names_the_env_var() {
+        let err = Config::load(None, ConfigOverrides { database_url: None, ..overrides() })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PGCAST_DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn bad_listen_and_slot_are_rejected() {
+        let err =
+            Config::load(None, ConfigOverrides { listen: Some("nope".into()), ..overrides() }).unwrap_err();
+        assert!(err.to_string().starts_with("invalid listen"), "{err}");
+        let err =
+            Config::load(None, ConfigOverrides { slot: Some("Bad-Slot".into()), ..overrides() }).unwrap_err();
+        assert!(err.to_string().starts_with("invalid slot"), "{err}");
+    }
+
+    #[test]
+    fn file_values_are_overridden_by_flags_and_unknown_keys_fail() {
+        let dir = std::env::temp_dir().join(format!("pgcast-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pgcast.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:5000\"\nslot = \"from_file\"\n").unwrap();
+        let config =
+            Config::load(Some(&path), ConfigOverrides { slot: Some("from_flag".into()), ..overrides() })
+                .unwrap();
+        assert_eq!(config.listen.port(), 5000);
+        assert_eq!(config.slot, "from_flag");
+        std::fs::write(&path, "lisen = \"x\"\n").unwrap();
+        let err = Config::load(Some(&path), overrides()).unwrap_err().to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+}

@@ -1,0 +1,58 @@
+//! `pgcast demo`: a private PostgreSQL with a small `appointments` table in the publication, and
+//! a pgcast server on it, with instructions (and a service token) for connecting.
+//!
+//! This module prepares the demo database; serving is `server`'s job.
+
+use std::path::Path;
+
+use crate::capture::publication;
+use crate::db::Db;
+use crate::local_postgres::{LocalPostgres, LocalPostgresError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Postgres(#[from] LocalPostgresError),
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    #[error(transparent)]
+    Publication(#[from] publication::PublicationError),
+}
+
+/// The demo schema: appointments of a clinic, as in the seed apps.
+pub const DEMO_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS appointments (
+    id          bigserial PRIMARY KEY,
+    tenant_id   int NOT NULL,
+    patient_id  int NOT NULL,
+    provider_id int NOT NULL,
+    status      text NOT NULL DEFAULT 'booked',
+    starts_at   timestamptz NOT NULL,
+    notes       text,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE appointments REPLICA IDENTITY FULL;
+";
+
+/// Starts (or reuses) the demo cluster under `dir` and prepares the demo table.
+pub async fn prepare(dir: &Path, pg_port: u16, publication_name: &str) -> Result<LocalPostgres, DemoError> {
+    let cluster = LocalPostgres::start(dir, pg_port).await?;
+    let db = Db::new(&cluster.url());
+    db.client().await?.batch_execute(DEMO_SCHEMA).await.map_err(crate::db::DbError::Query)?;
+    publication::ensure(&db, publication_name, crate::config::DEFAULT_SLOT).await?;
+    publication::add_table(&db, publication_name, "appointments").await?;
+    Ok(cluster)
+}
+
+/// 32 random hex characters from the OS.
+pub fn random_secret() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if read.is_err() {
+        // No /dev/urandom: fall back to time and pid, still unique per run.
+        let seed = crate::server::now_micros() as u128 ^ ((std::process::id() as u128) << 64);
+        bytes = seed.to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

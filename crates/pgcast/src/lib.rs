@@ -1,0 +1,20 @@
+//! pgcast: PostgreSQL row changes streamed to WebSocket clients that speak the Supabase Realtime
+//! protocol.
+//!
+//! Data flows one way: `capture` (logical replication -> typed transactions) -> `router`
+//! (subscription index, shared serialization) -> `session` (bounded queue per connection) ->
+//! `protocol` (wire framing). `server` wires the stages together and owns their lifecycle; see
+//! ARCHITECTURE.md for the map and its invariants.
+
+pub mod auth;
+pub mod capture;
+pub mod config;
+pub mod db;
+pub mod demo;
+pub mod http;
+pub mod local_postgres;
+pub mod protocol;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod shutdown;

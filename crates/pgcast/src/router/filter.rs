@@ -1,0 +1,272 @@
+//! postgres_changes subscription filters (`col=op.value`, Supabase's syntax) and event kinds,
+//! parsed against the table's column types at join time and evaluated against rows.
+//!
+//! Parsing is where bad input is rejected with a reason; evaluation never fails.
+
+use std::cmp::Ordering;
+
+use crate::capture::catalog::PublishedTable;
+use crate::capture::value::{Scalar, ValueKind};
+use crate::capture::{ChangeKind, Relation, Row};
+
+/// Which change kinds a subscription wants (`event` in the join config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventFilter {
+    All,
+    Only(ChangeKind),
+}
+
+impl EventFilter {
+    pub fn parse(event: &str) -> Result<EventFilter, String> {
+        match event {
+            "*" => Ok(EventFilter::All),
+            "INSERT" => Ok(EventFilter::Only(ChangeKind::Insert)),
+            "UPDATE" => Ok(EventFilter::Only(ChangeKind::Update)),
+            "DELETE" => Ok(EventFilter::Only(ChangeKind::Delete)),
+            other => Err(format!("unknown event {other:?}: expected INSERT, UPDATE, DELETE or *")),
+        }
+    }
+
+    pub fn accepts(self, kind: ChangeKind) -> bool {
+        match self {
+            EventFilter::All => true,
+            EventFilter::Only(k) => k == kind,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Eq,
+    Neq,
+    Lt,
+    Lte,
+    Gt,
+    Gte,
+    In,
+}
+
+/// A parsed filter: `column` compared with typed operands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Filter {
+    pub column: String,
+    pub op: Op,
+    pub kind: ValueKind,
+    /// One operand, or the list for `in`.
+    pub operands: Vec<Scalar>,
+}
+
+impl Filter {
+    /// Parses `col=op.value` against the table's columns.
+    pub fn parse(text: &str, table: &PublishedTable) -> Result<Filter, String> {
+        let (column, rest) = text
+            .split_once('=')
+            .ok_or_else(|| format!("invalid filter {text:?}: expected column=operator.value"))?;
+        let (op_text, value) = rest
+            .split_once('.')
+            .ok_or_else(|| format!("invalid filter {text:?}: expected column=operator.value"))?;
+        let op = match op_text {
+            "eq" => Op::Eq,
+            "neq" => Op::Neq,
+            "lt" => Op::Lt,
+            "lte" => Op::Lte,
+            "gt" => Op::Gt,
+            "gte" => Op::Gte,
+            "in" => Op::In,
+            other => return Err(format!(
+                "invalid filter {text:?}: unknown operator {other:?} (use eq, neq, lt, lte, gt, gte or in)"
+            )),
+        };
+        let col = table.column(column).ok_or_else(|| {
+            format!("invalid filter {text:?}: table {}.{} has no column {column:?}", table.schema, table.name)
+        })?;
+        if !col.kind.is_filterable() {
+            return Err(format!(
+                "invalid filter {text:?}: column {column:?} has type {} which cannot be filtered",
+                col.type_name
+            ));
+        }
+        let raw_operands = if op == Op::In { parse_in_list(value)? } else { vec![value.to_string()] };
+        let operands = raw_operands
+            .iter()
+            .map(|raw| {
+                col.kind.parse_scalar(raw).ok_or_else(|| {
+                    format!("invalid filter {text:?}: {raw:?} is not a valid {} value", col.type_name)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Filter { column: column.to_string(), op, kind: col.kind.clone(), operands })
+    }
+
+    /// The equality key, when the filter is `eq` (used by the index).
+    pub fn eq_key(&self) -> Option<String> {
+        match (self.op, self.operands.as_slice()) {
+            (Op::Eq, [one]) => Some(one.index_key()),
+            _ => None,
+        }
+    }
+
+    /// Whether `row` passes. As in SQL, a comparison with NULL (or a column the row does not
+    /// carry, such as a non-key column of a key-only old row) is never true.
+    pub fn matches(&self, relation: &Relation, row: &Row) -> bool {
+        let Some(index) = relation.column_index(&self.column) else { return false };
+        let Some(text) = row.text(index) else { return false };
+        let Some(value) = self.kind.parse_scalar(text) else { return false };
+        let cmp = |operand: &Scalar| value.compare(operand);
+        match self.op {
+            Op::Eq => self.operands.first().and_then(cmp) == Some(Ordering::Equal),
+            Op::Neq => {
+                matches!(self.operands.first().and_then(cmp), Some(Ordering::Less | Ordering::Greater))
+            }
+            Op::Lt => self.operands.first().and_then(cmp) == Some(Ordering::Less),
+            Op::Lte => matches!(self.operands.first().and_then(cmp), Some(Ordering::Less | Ordering::Equal)),
+            Op::Gt => self.operands.first().and_then(cmp) == Some(Ordering::Greater),
+            Op::Gte => {
+                matches!(self.operands.first().and_then(cmp), Some(Ordering::Greater | Ordering::Equal))
+            }
+            Op::In => self.operands.iter().any(|o| cmp(o) == Some(Ordering::Equal)),
+        }
+    }
+}
+
+/// `(a,b,"c,d")` -> `["a", "b", "c,d"]`.
+fn parse_in_list(value: &str) -> Result<Vec<String>, String> {
+    let inner = value
+        .strip_prefix('(')
+        .and_then(|v| v.strip_suffix(')'))
+        .ok_or_else(|| format!("invalid in filter value {value:?}: expected (a,b,...)"))?;
+    let mut items = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => quoted = !quoted,
+            '\\' if quoted => current.extend(chars.next()),
+            ',' if !quoted => items.push(std::mem::take(&mut current).trim().to_string()),
+            c => current.push(c),
+        }
+    }
+    if quoted {
+        return Err(format!("invalid in filter value {value:?}: unterminated quote"));
+    }
+    items.push(current.trim().to_string());
+    if items.iter().any(String::is_empty) {
+        return Err(format!("invalid in filter value {value:?}: empty item"));
+    }
+    if items.len() > 100 {
+        return Err("in filter has more than 100 values".into());
+    }
+    Ok(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::catalog::TableColumn;
+    use crate::capture::{Column, Value};
+
+    fn table() -> PublishedTable {
+        let col = |name: &str, type_name: &str, kind| TableColumn {
+            name: name.into(),
+            type_name: type_name.into(),
+            kind,
+        };
+        PublishedTable {
+            schema: "public".into(),
+            name: "appointments".into(),
+            columns: vec![
+                col("id", "int8", ValueKind::Integer),
+                col("status", "text", ValueKind::Text),
+                col("starts_at", "timestamptz", ValueKind::TimestampTz),
+                col("meta", "jsonb", ValueKind::Json),
+            ],
+        }
+    }
+
+    fn relation() -> Relation {
+        let table = table();
+        Relation {
+            oid: 1,
+            schema: table.schema.clone(),
+            name: table.name.clone(),
+            replica_identity: b'd',
+            columns: table
+                .columns
+                .iter()
+                .map(|c| Column {
+                    name: c.name.clone(),
+                    type_oid: 0,
+                    type_name: c.type_name.clone(),
+                    kind: c.kind.clone(),
+                    is_key: c.name == "id",
+                })
+                .collect(),
+        }
+    }
+
+    fn row(id: &str, status: &str, starts_at: &str) -> Row {
+        Row {
+            values: vec![
+                Value::Text(id.into()),
+                Value::Text(status.into()),
+                Value::Text(starts_at.into()),
+                Value::Null,
+            ],
+        }
+    }
+
+    fn passes(filter: &str, r: &Row) -> bool {
+        Filter::parse(filter, &table()).unwrap().matches(&relation(), r)
+    }
+
+    #[test]
+    fn each_operator_compares_by_column_type() {
+        let r = row("10", "booked", "2024-05-01 09:00:00+00");
+        assert!(passes("id=eq.10", &r));
+        assert!(!passes("id=eq.9", &r));
+        assert!(passes("id=neq.9", &r));
+        // Numeric, not lexicographic: "10" > "9".
+        assert!(passes("id=gt.9", &r));
+        assert!(passes("id=gte.10", &r));
+        assert!(passes("id=lt.11", &r));
+        assert!(passes("id=lte.10", &r));
+        assert!(!passes("id=lt.10", &r));
+        assert!(passes("id=in.(1,10,100)", &r));
+        assert!(!passes("id=in.(1,100)", &r));
+        assert!(passes("status=in.(\"cancel,led\",booked)", &r));
+        assert!(passes("starts_at=gt.2024-05-01T08:30:00+00:00", &r));
+        assert!(passes("starts_at=eq.2024-05-01T11:00:00+02:00", &r));
+    }
+
+    #[test]
+    fn null_never_matches() {
+        let r = Row { values: vec![Value::Text("1".into()), Value::Null, Value::Null, Value::Null] };
+        assert!(!passes("status=eq.x", &r));
+        assert!(!passes("status=neq.x", &r));
+    }
+
+    #[test]
+    fn bad_filters_are_rejected_with_reasons() {
+        let err = |f: &str| Filter::parse(f, &table()).unwrap_err();
+        assert!(err("id").contains("expected column=operator.value"));
+        assert!(err("id=like.5").contains("unknown operator"));
+        assert!(err("nope=eq.5").contains("has no column"));
+        assert!(err("id=eq.abc").contains("not a valid int8"));
+        assert!(err("meta=eq.{}").contains("cannot be filtered"));
+        assert!(err("id=in.1,2").contains("expected (a,b,...)"));
+    }
+
+    #[test]
+    fn eq_filters_have_index_keys_and_others_do_not() {
+        assert!(Filter::parse("id=eq.5", &table()).unwrap().eq_key().is_some());
+        assert!(Filter::parse("id=gt.5", &table()).unwrap().eq_key().is_none());
+    }
+
+    #[test]
+    fn events_parse_and_match() {
+        assert!(EventFilter::parse("*").unwrap().accepts(ChangeKind::Delete));
+        assert!(!EventFilter::parse("INSERT").unwrap().accepts(ChangeKind::Update));
+        assert!(EventFilter::parse("insert").is_err());
+    }
+}

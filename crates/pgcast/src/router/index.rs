@@ -1,0 +1,161 @@
+//! The subscription index: table -> (equality-filter column -> value -> subscriptions), plus
+//! the subscriptions a change must be tested against one by one (no filter or a range filter).
+//!
+//! Matching a change costs one hash lookup per filtered column in use on that table, not a scan
+//! of every subscriber. The index holds no connections' state beyond their handles.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::capture::{Change, ChangeKind, Row};
+use crate::session::SessionHandle;
+
+use super::filter::{EventFilter, Filter};
+
+pub type SubscriptionId = u64;
+
+/// One postgres_changes binding of one joined channel.
+#[derive(Debug)]
+pub struct Subscription {
+    pub id: SubscriptionId,
+    pub session: Arc<SessionHandle>,
+    /// The channel topic, e.g. `realtime:room1`.
+    pub topic: Arc<str>,
+    /// The id returned in the join reply; realtime-js matches `ids` of each message against it.
+    pub binding_id: u32,
+    pub schema: String,
+    /// `None` subscribes to every published table of the schema.
+    pub table: Option<String>,
+    pub events: EventFilter,
+    pub filter: Option<Filter>,
+}
+
+impl Subscription {
+    /// Whether this subscription receives `change` (table already matched by the index).
+    pub fn accepts(&self, change: &Change) -> bool {
+        if change.kind == ChangeKind::Truncate {
+            // A truncation has no row to test a filter against: only unfiltered `*` bindings
+            // receive it.
+            return self.filter.is_none() && self.events == EventFilter::All;
+        }
+        if !self.events.accepts(change.kind) {
+            return false;
+        }
+        match (&self.filter, filter_row(change)) {
+            (None, _) => true,
+            (Some(filter), Some(row)) => filter.matches(&change.relation, row),
+            (Some(_), None) => false,
+        }
+    }
+}
+
+/// The row filters apply to: the new row for INSERT/UPDATE, the old row for DELETE.
+fn filter_row(change: &Change) -> Option<&Row> {
+    match change.kind {
+        ChangeKind::Insert | ChangeKind::Update => change.new.as_ref(),
+        ChangeKind::Delete => change.old.as_ref(),
+        ChangeKind::Truncate => None,
+    }
+}
+
+type Bucket = HashMap<SubscriptionId, Arc<Subscription>>;
+
+#[derive(Default)]
+struct TableEntry {
+    /// Subscriptions without an equality filter: each is tested against each change.
+    scanned: Bucket,
+    /// column -> value key -> subscriptions with `column=eq.value`.
+    by_eq: HashMap<String, HashMap<String, Bucket>>,
+}
+
+impl TableEntry {
+    fn is_empty(&self) -> bool {
+        self.scanned.is_empty() && self.by_eq.is_empty()
+    }
+}
+
+#[derive(Default)]
+pub struct Index {
+    /// schema -> table -> entry; the table is `*` for schema-wide subscriptions.
+    tables: HashMap<String, HashMap<String, TableEntry>>,
+    count: usize,
+}
+
+const ALL_TABLES: &str = "*";
+
+impl Index {
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn insert(&mut self, sub: Arc<Subscription>) {
+        let table = sub.table.clone().unwrap_or_else(|| ALL_TABLES.into());
+        let entry = self.tables.entry(sub.schema.clone()).or_default().entry(table).or_default();
+        let previous = match sub.filter.as_ref().and_then(|f| f.eq_key().map(|k| (f, k))) {
+            Some((filter, value_key)) => entry
+                .by_eq
+                .entry(filter.column.clone())
+                .or_default()
+                .entry(value_key)
+                .or_default()
+                .insert(sub.id, sub.clone()),
+            None => entry.scanned.insert(sub.id, sub.clone()),
+        };
+        if previous.is_none() {
+            self.count += 1;
+        }
+    }
+
+    pub fn remove(&mut self, sub: &Subscription) {
+        let table = sub.table.as_deref().unwrap_or(ALL_TABLES);
+        let Some(schema) = self.tables.get_mut(&sub.schema) else { return };
+        let Some(entry) = schema.get_mut(table) else { return };
+        let removed = match sub.filter.as_ref().and_then(|f| f.eq_key().map(|k| (f, k))) {
+            Some((filter, value_key)) => {
+                let Some(values) = entry.by_eq.get_mut(&filter.column) else { return };
+                let Some(bucket) = values.get_mut(&value_key) else { return };
+                let removed = bucket.remove(&sub.id).is_some();
+                if bucket.is_empty() {
+                    values.remove(&value_key);
+                }
+                if values.is_empty() {
+                    entry.by_eq.remove(&filter.column);
+                }
+                removed
+            }
+            None => entry.scanned.remove(&sub.id).is_some(),
+        };
+        if removed {
+            self.count -= 1;
+        }
+        if entry.is_empty() {
+            schema.remove(table);
+        }
+        if schema.is_empty() {
+            self.tables.remove(&sub.schema);
+        }
+    }
+
+    /// Every subscription that receives `change`, each once.
+    pub fn matches(&self, change: &Change, out: &mut Vec<Arc<Subscription>>) {
+        let relation = &change.relation;
+        let Some(schema) = self.tables.get(relation.schema.as_str()) else { return };
+        for table in [relation.name.as_str(), ALL_TABLES] {
+            let Some(entry) = schema.get(table) else { continue };
+            out.extend(entry.scanned.values().filter(|s| s.accepts(change)).cloned());
+            let Some(row) = filter_row(change) else { continue };
+            for (column, values) in &entry.by_eq {
+                let Some(index) = relation.column_index(column) else { continue };
+                let Some(text) = row.text(index) else { continue };
+                let Some(value) = relation.columns[index].kind.parse_scalar(text) else { continue };
+                if let Some(bucket) = values.get(&value.index_key()) {
+                    out.extend(bucket.values().filter(|s| s.accepts(change)).cloned());
+                }
+            }
+        }
+    }
+}

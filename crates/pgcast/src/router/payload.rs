@@ -1,0 +1,131 @@
+//! The `postgres_changes` payload shape realtime-js parses:
+//! `{ids, data: {schema, table, commit_timestamp, type, columns, record, old_record, errors}}`.
+//!
+//! `data` is serialized once per change and shared by every message that carries it; only the
+//! `ids` differ between bindings.
+
+use crate::capture::value::write_json_string;
+use crate::capture::{Change, ChangeKind, Transaction, Value};
+
+/// Serializes the `data` object of a change.
+pub fn change_data(tx: &Transaction, change: &Change) -> String {
+    let relation = &change.relation;
+    let mut out = String::with_capacity(256);
+    out.push_str("{\"schema\":");
+    write_json_string(&relation.schema, &mut out);
+    out.push_str(",\"table\":");
+    write_json_string(&relation.name, &mut out);
+    out.push_str(",\"commit_timestamp\":\"");
+    out.push_str(&format_utc_micros(tx.commit_time_micros));
+    out.push_str("\",\"type\":\"");
+    out.push_str(change.kind.as_str());
+    out.push_str("\",\"columns\":[");
+    for (i, column) in relation.columns.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"name\":");
+        write_json_string(&column.name, &mut out);
+        out.push_str(",\"type\":");
+        write_json_string(&column.type_name, &mut out);
+        out.push('}');
+    }
+    out.push(']');
+    if let (ChangeKind::Insert | ChangeKind::Update, Some(new)) = (change.kind, &change.new) {
+        out.push_str(",\"record\":");
+        new.write_json(relation, false, &mut out);
+    }
+    match change.kind {
+        ChangeKind::Update | ChangeKind::Delete => {
+            out.push_str(",\"old_record\":");
+            // With REPLICA IDENTITY FULL the old row is complete; otherwise PostgreSQL sends the
+            // key only (or nothing when an UPDATE kept the key, then the new row's key stands).
+            let keys_only = relation.replica_identity != b'f';
+            match change.old.as_ref().or(change.new.as_ref()) {
+                Some(old) => old.write_json(relation, keys_only || change.old.is_none(), &mut out),
+                None => out.push_str("{}"),
+            }
+        }
+        ChangeKind::Insert | ChangeKind::Truncate => {}
+    }
+    let unchanged: Vec<&str> = change
+        .new
+        .iter()
+        .flat_map(|row| relation.columns.iter().zip(&row.values))
+        .filter(|(_, value)| matches!(value, Value::UnchangedToast))
+        .map(|(column, _)| column.name.as_str())
+        .collect();
+    if !unchanged.is_empty() {
+        // Large values the UPDATE did not touch are not re-sent by PostgreSQL (unless the table
+        // has REPLICA IDENTITY FULL); name them so a client knows to keep its copy.
+        out.push_str(",\"unchanged_toast\":[");
+        for (i, name) in unchanged.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            write_json_string(name, &mut out);
+        }
+        out.push(']');
+    }
+    out.push_str(",\"errors\":null}");
+    out
+}
+
+/// Appends `{"ids":[...],"data":...}`.
+pub fn message_payload(ids: &[u32], data: &str) -> String {
+    let mut out = String::with_capacity(data.len() + 32);
+    out.push_str("{\"ids\":[");
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&id.to_string());
+    }
+    out.push_str("],\"data\":");
+    out.push_str(data);
+    out.push('}');
+    out
+}
+
+/// `2024-05-01T09:00:00.123Z` (millisecond precision, as Supabase Realtime sends it).
+pub fn format_utc_micros(micros: i64) -> String {
+    let secs = micros.div_euclid(1_000_000);
+    let millis = micros.rem_euclid(1_000_000) / 1000;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+}
+
+/// Inverse of days-from-civil (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::value::parse_timestamp;
+
+    #[test]
+    fn utc_formatting_round_trips_through_the_parser() {
+        for text in ["1970-01-01T00:00:00.000Z", "2024-02-29T23:59:59.999Z", "1999-12-31T12:00:00.500Z"] {
+            let micros = parse_timestamp(text, true).unwrap();
+            assert_eq!(format_utc_micros(micros), text);
+        }
+    }
+
+    #[test]
+    fn message_payload_lists_ids() {
+        assert_eq!(message_payload(&[3, 9], "{}"), r#"{"ids":[3,9],"data":{}}"#);
+    }
+}

@@ -1,0 +1,271 @@
+//! The server's lifecycle: wires capture -> router -> sessions together, serves HTTP, and shuts
+//! everything down in order (mini-redis's `server.rs`).
+//!
+//! Start-up: ensure the publication and slot, load the type catalog, bind the listener, start
+//! the router, the replication stream and the HTTP server. Shutdown: stop accepting, close every
+//! client with a reason, stop the stream, let the router drain, then confirm the last handled LSN
+//! on the slot.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+
+use crate::auth::Verifier;
+use crate::capture::catalog::Catalog;
+use crate::capture::publication::{self, PublicationError};
+use crate::capture::replication::{self, ReplicationSource, ReplicationStatus};
+use crate::capture::{format_lsn, Progress};
+use crate::config::Config;
+use crate::db::{Db, DbError};
+use crate::router::{self, index::Index};
+use crate::shutdown::{self, Shutdown, ShutdownTrigger};
+
+/// Transactions buffered between capture and router.
+const ROUTER_QUEUE: usize = 256;
+/// How long shutdown waits for clients to take their close frames.
+const SESSION_DRAIN: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Publication(#[from] PublicationError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("metrics: {0}")]
+    Metrics(String),
+}
+
+/// Everything a request or a session needs, shared.
+pub struct AppState {
+    pub config: Config,
+    pub verifier: Verifier,
+    pub db: Arc<Db>,
+    pub catalog: Arc<Catalog>,
+    pub index: Arc<RwLock<Index>>,
+    pub replication: Arc<ReplicationStatus>,
+    pub progress: Arc<Progress>,
+    pub shutdown: Shutdown,
+    pub metrics: PrometheusHandle,
+    next_subscription: AtomicU64,
+    stopping: AtomicBool,
+    active_sessions: AtomicUsize,
+    sessions_idle: Notify,
+}
+
+impl AppState {
+    pub fn next_subscription_id(&self) -> u64 {
+        self.next_subscription.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Counts a session in; the guard counts it out when the session ends.
+    pub fn session_guard(self: &Arc<Self>) -> SessionGuard {
+        self.active_sessions.fetch_add(1, Ordering::AcqRel);
+        SessionGuard { state: self.clone() }
+    }
+}
+
+pub struct SessionGuard {
+    state: Arc<AppState>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if self.state.active_sessions.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.state.sessions_idle.notify_waiters();
+        }
+    }
+}
+
+/// A started server. Dropping it does not stop it; call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    trigger: ShutdownTrigger,
+    http: JoinHandle<()>,
+    replication: JoinHandle<u64>,
+    router: JoinHandle<()>,
+    upkeep: JoinHandle<()>,
+}
+
+/// The process-wide Prometheus recorder (installed once; tests start several servers).
+fn metrics_handle() -> Result<PrometheusHandle, ServerError> {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("pgcast_commit_to_send_seconds".into()),
+            &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+        )
+        .map_err(|e| ServerError::Metrics(e.to_string()))?
+        .install_recorder()
+        .map_err(|e| ServerError::Metrics(e.to_string()))?;
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
+    let metrics = metrics_handle()?;
+    let db = Arc::new(Db::new(&config.database_url));
+    let created = publication::ensure(&db, &config.publication, &config.slot).await?;
+    if created {
+        tracing::info!(slot = %config.slot, "streaming starts from now: the slot was just created");
+    }
+    let catalog = Arc::new(Catalog::new(db.clone(), &config.publication));
+    catalog.reload_types().await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+
+    let (trigger, shutdown) = shutdown::channel();
+    let progress = Progress::new();
+    let index = Arc::new(RwLock::new(Index::default()));
+    let status = Arc::new(ReplicationStatus::default());
+    let state = Arc::new(AppState {
+        verifier: Verifier::new(&config.jwt_secret),
+        db: db.clone(),
+        catalog: catalog.clone(),
+        index: index.clone(),
+        replication: status.clone(),
+        progress: progress.clone(),
+        shutdown: shutdown.clone(),
+        metrics,
+        next_subscription: AtomicU64::new(1),
+        stopping: AtomicBool::new(false),
+        active_sessions: AtomicUsize::new(0),
+        sessions_idle: Notify::new(),
+        config,
+    });
+
+    let (changes_tx, changes_rx) = mpsc::channel(ROUTER_QUEUE);
+    let router = tokio::spawn(router::run(changes_rx, index, progress.clone()));
+    let source = ReplicationSource {
+        database_url: state.config.database_url.clone(),
+        slot: state.config.slot.clone(),
+        publication: state.config.publication.clone(),
+    };
+    let replication =
+        tokio::spawn(replication::run(source, catalog, changes_tx, progress, status, shutdown.clone()));
+
+    let app = crate::http::routes(state.clone());
+    let mut http_shutdown = shutdown.clone();
+    let http = tokio::spawn(async move {
+        let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move { http_shutdown.wait().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    let upkeep = tokio::spawn(upkeep(state.clone(), shutdown));
+    tracing::info!(listen = %addr, "pgcast listening");
+    Ok(RunningServer { addr, state, trigger, http, replication, router, upkeep })
+}
+
+/// Keeps gauges fresh and runs the exporter's upkeep.
+async fn upkeep(state: Arc<AppState>, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait() => return,
+        }
+        update_gauges(&state);
+        state.metrics.run_upkeep();
+    }
+}
+
+pub fn update_gauges(state: &AppState) {
+    let handled = state.progress.handled();
+    let server_end = state.replication.server_wal_end();
+    metrics::gauge!("pgcast_replication_lag_bytes").set(server_end.saturating_sub(handled) as f64);
+    metrics::gauge!("pgcast_replication_connected").set(if state.replication.is_connected() {
+        1.0
+    } else {
+        0.0
+    });
+    let subscriptions = state.index.read().map(|i| i.len()).unwrap_or(0);
+    metrics::gauge!("pgcast_subscriptions").set(subscriptions as f64);
+}
+
+impl RunningServer {
+    /// Graceful shutdown; returns the LSN the slot was confirmed at.
+    pub async fn shutdown(self) -> u64 {
+        tracing::info!("shutting down");
+        self.state.stopping.store(true, Ordering::Release);
+        self.trigger.trigger();
+        let _ = self.http.await;
+        // Sessions see the signal and close with a reason; give them a moment to do so.
+        let drain = async {
+            while self.state.active_sessions.load(Ordering::Acquire) > 0 {
+                let idle = self.state.sessions_idle.notified();
+                if self.state.active_sessions.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(100), idle).await;
+            }
+        };
+        let _ = tokio::time::timeout(SESSION_DRAIN, drain).await;
+        let _ = self.replication.await;
+        // The replication task dropped its sender: the router drains what it has and stops.
+        let _ = self.router.await;
+        let _ = self.upkeep.await;
+        let handled = self.state.progress.handled();
+        if handled > 0 {
+            confirm_with_retry(&self.state, handled).await;
+        }
+        tracing::info!(lsn = %format_lsn(handled), "stopped");
+        handled
+    }
+}
+
+/// The walsender may take a moment to release the slot after the stream closed.
+async fn confirm_with_retry(state: &AppState, lsn: u64) {
+    for attempt in 0..20 {
+        match publication::confirm_slot(&state.db, &state.config.slot, lsn).await {
+            Ok(()) => return,
+            Err(e) if attempt == 19 => {
+                tracing::warn!(error = %e, "could not confirm the final LSN; it will be re-streamed");
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+pub fn now_micros() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}

@@ -1,0 +1,556 @@
+//! One client connection speaking the Supabase Realtime protocol: its joined channels, its
+//! bounded outbound queue, the batching writer, heartbeat and token-expiry deadlines.
+//!
+//! The router hands a session pre-serialized messages through [`SessionHandle::deliver`]; when
+//! the queue is full the session is cut off with a reason instead of growing memory. Replies to
+//! the client's own frames are written directly, so they are never stuck behind a backlog.
+//!
+//! What a frame looks like on the wire is `protocol::phoenix`'s business; who receives which
+//! change is the router's.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::auth::{AuthError, Claims, SERVICE_ROLE};
+use crate::protocol::phoenix::{self, Frame, Vsn};
+use crate::router::filter::{EventFilter, Filter};
+use crate::router::index::Subscription;
+use crate::server::AppState;
+
+/// Most messages written before one flush.
+const WRITE_BATCH: usize = 64;
+/// How long a close frame may take to reach a client before the socket is dropped anyway.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// WebSocket close codes pgcast uses.
+pub mod close_code {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const TOO_BIG: u16 = 1009;
+    /// The client did not read fast enough and its queue filled.
+    pub const SLOW_CONSUMER: u16 = 4000;
+    pub const HEARTBEAT_TIMEOUT: u16 = 4001;
+}
+
+/// A message on its way to one or more connections: the bytes are shared, not copied.
+#[derive(Clone)]
+pub struct Outbound {
+    pub text: Utf8Bytes,
+    /// Commit time of the change it carries (µs since the Unix epoch), for the latency metric.
+    pub commit_time_micros: i64,
+}
+
+/// The router's view of a session: where to put messages, and how to cut it off.
+#[derive(Debug)]
+pub struct SessionHandle {
+    pub id: u64,
+    pub vsn: Vsn,
+    queue: mpsc::Sender<Outbound>,
+    kick_reason: Mutex<Option<(u16, String)>>,
+    kick: Notify,
+}
+
+impl SessionHandle {
+    /// Queues a message; if the queue is full the session is cut off (it will be closed with a
+    /// reason) and `false` is returned.
+    pub fn deliver(&self, message: Outbound) -> bool {
+        match self.queue.try_send(message) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.kick(
+                    close_code::SLOW_CONSUMER,
+                    format!("slow consumer: more than {} messages queued", self.queue.max_capacity()),
+                );
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the session to close with `code` and `reason` (the first reason wins).
+    pub fn kick(&self, code: u16, reason: String) {
+        if let Ok(mut slot) = self.kick_reason.lock() {
+            if slot.is_none() {
+                *slot = Some((code, reason));
+                self.kick.notify_one();
+            }
+        }
+    }
+}
+
+/// A channel this connection has joined.
+struct JoinedChannel {
+    join_ref: Option<String>,
+    subscriptions: Vec<Arc<Subscription>>,
+    claims: Claims,
+    expires_at: Instant,
+}
+
+static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
+
+pub struct Session {
+    handle: Arc<SessionHandle>,
+    state: Arc<AppState>,
+    socket: WebSocket,
+    peer: SocketAddr,
+    apikey: Option<String>,
+    channels: HashMap<String, JoinedChannel>,
+}
+
+/// Why the session loop ended: how to close the socket, if at all.
+enum Ending {
+    Close(u16, String),
+    Gone,
+}
+
+impl Session {
+    pub fn new(
+        socket: WebSocket,
+        state: Arc<AppState>,
+        peer: SocketAddr,
+        vsn: Vsn,
+        apikey: Option<String>,
+    ) -> (Session, mpsc::Receiver<Outbound>) {
+        let (queue, rx) = mpsc::channel(state.config.outbound_queue);
+        let handle = Arc::new(SessionHandle {
+            id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
+            vsn,
+            queue,
+            kick_reason: Mutex::new(None),
+            kick: Notify::new(),
+        });
+        (Session { handle, state, socket, peer, apikey, channels: HashMap::new() }, rx)
+    }
+
+    /// Runs the connection until the client leaves, is cut off, or the server shuts down.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Outbound>) {
+        metrics::gauge!("pgcast_connections").increment(1.0);
+        tracing::info!(session = self.handle.id, peer = %self.peer, "client connected");
+        let ending = self.serve(&mut rx).await;
+        self.leave_all();
+        if let Ending::Close(code, reason) = &ending {
+            tracing::info!(session = self.handle.id, code, reason = %reason, "closing client");
+            let frame = CloseFrame { code: *code, reason: reason.as_str().into() };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.send(Message::Close(Some(frame)))).await;
+        }
+        tracing::info!(session = self.handle.id, "client disconnected");
+        metrics::gauge!("pgcast_connections").decrement(1.0);
+    }
+
+    async fn serve(&mut self, rx: &mut mpsc::Receiver<Outbound>) -> Ending {
+        let heartbeat_timeout = self.state.config.heartbeat_timeout;
+        let mut heartbeat_deadline = Instant::now() + heartbeat_timeout;
+        let mut shutdown = self.state.shutdown.clone();
+        let handle = self.handle.clone();
+        let mut batch: Vec<Outbound> = Vec::with_capacity(WRITE_BATCH);
+        loop {
+            let expiry = self.channels.values().map(|c| c.expires_at).min();
+            tokio::select! {
+                biased;
+                _ = handle.kick.notified() => {
+                    let (code, reason) = handle
+                        .kick_reason
+                        .lock()
+                        .ok()
+                        .and_then(|r| r.clone())
+                        .unwrap_or((close_code::GOING_AWAY, "closed by server".into()));
+                    if code == close_code::SLOW_CONSUMER {
+                        metrics::counter!("pgcast_slow_consumers_total").increment(1);
+                    }
+                    return Ending::Close(code, reason);
+                }
+                _ = shutdown.wait() => {
+                    return Ending::Close(close_code::GOING_AWAY, "server shutting down".into());
+                }
+                count = rx.recv_many(&mut batch, WRITE_BATCH) => {
+                    if count == 0 {
+                        return Ending::Gone;
+                    }
+                    if self.write_batch(&mut batch).await.is_err() {
+                        return Ending::Gone;
+                    }
+                }
+                incoming = self.socket.recv() => {
+                    heartbeat_deadline = Instant::now() + heartbeat_timeout;
+                    match incoming {
+                        Some(Ok(Message::Text(text))) => {
+                            if self.handle_text(text.as_str()).await.is_err() {
+                                return Ending::Gone;
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            if self.send_error_notice("binary frames are not supported on this connection").await.is_err() {
+                                return Ending::Gone;
+                            }
+                        }
+                        Some(Ok(Message::Close(_))) | None => return Ending::Gone,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Err(e)) => {
+                            let text = e.to_string();
+                            if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
+                                return Ending::Close(
+                                    close_code::TOO_BIG,
+                                    format!("message larger than {} bytes", self.state.config.max_message_bytes),
+                                );
+                            }
+                            tracing::debug!(session = self.handle.id, error = %text, "socket error");
+                            return Ending::Gone;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(heartbeat_deadline) => {
+                    return Ending::Close(
+                        close_code::HEARTBEAT_TIMEOUT,
+                        format!("no heartbeat for {}s", heartbeat_timeout.as_secs()),
+                    );
+                }
+                _ = sleep_until_opt(expiry) => {
+                    if self.expire_channels().await.is_err() {
+                        return Ending::Gone;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Feeds a batch of queued messages and flushes once.
+    async fn write_batch(&mut self, batch: &mut Vec<Outbound>) -> Result<(), axum::Error> {
+        let oldest = batch.iter().map(|m| m.commit_time_micros).min().unwrap_or(0);
+        let count = batch.len();
+        for message in batch.drain(..) {
+            self.socket.feed(Message::Text(message.text)).await?;
+        }
+        self.socket.flush().await?;
+        metrics::counter!("pgcast_messages_sent_total").increment(count as u64);
+        if oldest > 0 {
+            let now = crate::server::now_micros();
+            metrics::histogram!("pgcast_commit_to_send_seconds").record((now - oldest).max(0) as f64 / 1e6);
+        }
+        Ok(())
+    }
+
+    async fn send_text(&mut self, text: String) -> Result<(), axum::Error> {
+        self.socket.send(Message::Text(text.into())).await
+    }
+
+    async fn reply(&mut self, to: &Frame, status: &str, response: Value) -> Result<(), axum::Error> {
+        let text = phoenix::reply(self.handle.vsn, to, status, response);
+        self.send_text(text).await
+    }
+
+    async fn reply_error(&mut self, to: &Frame, reason: impl Into<String>) -> Result<(), axum::Error> {
+        let reason = reason.into();
+        tracing::info!(session = self.handle.id, topic = %to.topic, event = %to.event, reason = %reason, "refused");
+        self.reply(to, "error", json!({ "reason": reason })).await
+    }
+
+    /// An error that cannot be a reply (the frame could not be read): sent as `phx_error` on the
+    /// `phoenix` topic; the connection stays open.
+    async fn send_error_notice(&mut self, reason: &str) -> Result<(), axum::Error> {
+        tracing::info!(session = self.handle.id, reason, "bad frame");
+        let text = phoenix::encode(
+            self.handle.vsn,
+            None,
+            None,
+            "phoenix",
+            "phx_error",
+            &json!({ "reason": reason }),
+        );
+        self.send_text(text).await
+    }
+
+    async fn handle_text(&mut self, text: &str) -> Result<(), axum::Error> {
+        let frame = match phoenix::decode(self.handle.vsn, text) {
+            Ok(frame) => frame,
+            Err(e) => return self.send_error_notice(&e.to_string()).await,
+        };
+        if frame.topic == "phoenix" {
+            return match frame.event.as_str() {
+                "heartbeat" => self.reply(&frame, "ok", json!({})).await,
+                other => self.reply_error(&frame, format!("unknown event {other:?} on topic phoenix")).await,
+            };
+        }
+        match frame.event.as_str() {
+            "phx_join" => self.join(frame).await,
+            _ if !self.channels.contains_key(&frame.topic) => {
+                self.reply_error(&frame, "unmatched topic: join the channel first").await
+            }
+            "phx_leave" => {
+                self.leave(&frame.topic);
+                self.reply(&frame, "ok", json!({})).await?;
+                let close = phoenix::encode(
+                    self.handle.vsn,
+                    frame.join_ref.as_deref(),
+                    None,
+                    &frame.topic,
+                    "phx_close",
+                    &json!({}),
+                );
+                self.send_text(close).await
+            }
+            "access_token" => self.refresh_token(frame).await,
+            "broadcast" | "presence" => {
+                let reason = format!("{} is not supported by this server yet", frame.event);
+                self.reply_error(&frame, reason).await
+            }
+            other => {
+                let reason = format!("unknown event {other:?}");
+                self.reply_error(&frame, reason).await
+            }
+        }
+    }
+
+    /// Resolves the token for a join: the join's `access_token`, else the connection's `apikey`.
+    fn verify_token(&self, access_token: Option<&str>) -> Result<Claims, String> {
+        match (access_token, self.apikey.as_deref()) {
+            (Some(token), _) => {
+                self.state.verifier.verify(token).map_err(|e| format!("invalid access_token: {e}"))
+            }
+            (None, Some(apikey)) => {
+                self.state.verifier.verify(apikey).map_err(|e| format!("invalid apikey: {e}"))
+            }
+            (None, None) => Err(AuthError::Missing.to_string()),
+        }
+    }
+
+    async fn join(&mut self, frame: Frame) -> Result<(), axum::Error> {
+        // Joining a topic again replaces the previous membership, as in Phoenix.
+        if self.channels.contains_key(&frame.topic) {
+            self.leave(&frame.topic);
+        }
+        let access_token = frame.payload.get("access_token").and_then(Value::as_str);
+        let claims = match self.verify_token(access_token) {
+            Ok(claims) => claims,
+            Err(reason) => {
+                metrics::counter!("pgcast_auth_failures_total").increment(1);
+                return self.reply_error(&frame, reason).await;
+            }
+        };
+        let bindings = match frame.payload.pointer("/config/postgres_changes") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items.clone(),
+            Some(_) => return self.reply_error(&frame, "config.postgres_changes must be an array").await,
+        };
+        if !bindings.is_empty() && claims.role != SERVICE_ROLE {
+            let reason = format!(
+                "role {:?} may not subscribe to postgres_changes: only {SERVICE_ROLE} can until row policies are configured",
+                claims.role
+            );
+            return self.reply_error(&frame, reason).await;
+        }
+        let topic: Arc<str> = Arc::from(frame.topic.as_str());
+        let mut subscriptions = Vec::with_capacity(bindings.len());
+        let mut response = Vec::with_capacity(bindings.len());
+        for binding in &bindings {
+            match parse_binding(&self.state, &self.handle, binding, &topic).await {
+                Ok(sub) => {
+                    let mut echoed = binding.clone();
+                    if let Value::Object(map) = &mut echoed {
+                        map.insert("id".into(), json!(sub.binding_id));
+                    }
+                    response.push(echoed);
+                    subscriptions.push(Arc::new(sub));
+                }
+                Err(reason) => return self.reply_error(&frame, reason).await,
+            }
+        }
+        if let Ok(mut index) = self.state.index.write() {
+            for sub in &subscriptions {
+                index.insert(sub.clone());
+            }
+        }
+        let expires_at = Instant::now() + Duration::from_secs(claims.seconds_left());
+        tracing::info!(
+            session = self.handle.id,
+            topic = %frame.topic,
+            role = %claims.role,
+            user = claims.sub.as_deref().unwrap_or(""),
+            bindings = subscriptions.len(),
+            "joined"
+        );
+        let has_changes = !subscriptions.is_empty();
+        self.channels.insert(
+            frame.topic.clone(),
+            JoinedChannel { join_ref: frame.join_ref.clone(), subscriptions, claims, expires_at },
+        );
+        metrics::gauge!("pgcast_channels").increment(1.0);
+        self.reply(&frame, "ok", json!({ "postgres_changes": response })).await?;
+        if has_changes {
+            let payload = json!({
+                "message": "Subscribed to PostgreSQL",
+                "status": "ok",
+                "extension": "postgres_changes",
+                "channel": channel_name(&frame.topic),
+            });
+            let text = phoenix::encode(
+                self.handle.vsn,
+                frame.join_ref.as_deref(),
+                None,
+                &frame.topic,
+                "system",
+                &payload,
+            );
+            self.send_text(text).await?;
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self, topic: &str) {
+        let Some(channel) = self.channels.remove(topic) else { return };
+        if let Ok(mut index) = self.state.index.write() {
+            for sub in &channel.subscriptions {
+                index.remove(sub);
+            }
+        }
+        metrics::gauge!("pgcast_channels").decrement(1.0);
+        tracing::info!(session = self.handle.id, topic, "left");
+    }
+
+    fn leave_all(&mut self) {
+        let topics: Vec<String> = self.channels.keys().cloned().collect();
+        for topic in topics {
+            self.leave(&topic);
+        }
+    }
+
+    /// Tells the client a channel is closed by the server: a `system` error, then `phx_close`.
+    async fn close_channel(&mut self, topic: &str, message: String) -> Result<(), axum::Error> {
+        let join_ref = self.channels.get(topic).and_then(|c| c.join_ref.clone());
+        self.leave(topic);
+        let payload = json!({
+            "message": message,
+            "status": "error",
+            "extension": "system",
+            "channel": channel_name(topic),
+        });
+        let vsn = self.handle.vsn;
+        self.send_text(phoenix::encode(vsn, join_ref.as_deref(), None, topic, "system", &payload)).await?;
+        self.send_text(phoenix::encode(vsn, join_ref.as_deref(), None, topic, "phx_close", &json!({}))).await
+    }
+
+    async fn refresh_token(&mut self, frame: Frame) -> Result<(), axum::Error> {
+        let Some(token) = frame.payload.get("access_token").and_then(Value::as_str) else {
+            return self.reply_error(&frame, "access_token payload needs an access_token string").await;
+        };
+        let claims = match self.state.verifier.verify(token) {
+            Ok(claims) => claims,
+            Err(e) => {
+                metrics::counter!("pgcast_auth_failures_total").increment(1);
+                return self.close_channel(&frame.topic, format!("invalid access_token: {e}")).await;
+            }
+        };
+        let Some(channel) = self.channels.get_mut(&frame.topic) else { return Ok(()) };
+        if !channel.subscriptions.is_empty() && claims.role != SERVICE_ROLE {
+            let message = format!("role {:?} may not receive postgres_changes", claims.role);
+            return self.close_channel(&frame.topic, message).await;
+        }
+        channel.expires_at = Instant::now() + Duration::from_secs(claims.seconds_left());
+        channel.claims = claims;
+        tracing::info!(session = self.handle.id, topic = %frame.topic, "token refreshed");
+        self.reply(&frame, "ok", json!({})).await
+    }
+
+    async fn expire_channels(&mut self) -> Result<(), axum::Error> {
+        let now = Instant::now();
+        let expired: Vec<String> =
+            self.channels.iter().filter(|(_, c)| c.expires_at <= now).map(|(t, _)| t.clone()).collect();
+        for topic in expired {
+            let exp = self.channels.get(&topic).map(|c| c.claims.exp).unwrap_or(0);
+            let ago = crate::auth::now_secs().saturating_sub(exp);
+            self.close_channel(&topic, format!("Token has expired {ago} seconds ago")).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Validates one `{event, schema, table, filter}` binding against the publication.
+async fn parse_binding(
+    state: &AppState,
+    handle: &Arc<SessionHandle>,
+    binding: &Value,
+    topic: &Arc<str>,
+) -> Result<Subscription, String> {
+    let field = |name: &str| binding.get(name).and_then(Value::as_str);
+    let event_text = field("event").ok_or("each postgres_changes binding needs an event")?;
+    let events = EventFilter::parse(event_text)?;
+    let schema = field("schema").unwrap_or("public").to_string();
+    let table = field("table").filter(|t| !t.is_empty() && *t != "*").map(str::to_string);
+    let filter_text = field("filter").filter(|f| !f.is_empty());
+    let catalog = &state.catalog;
+    let filter = match &table {
+        Some(name) => {
+            let published = catalog
+                .published_table(&schema, name)
+                .await
+                .map_err(|e| format!("cannot check table {schema}.{name}: {e}"))?
+                .ok_or_else(|| {
+                    format!(
+                        "table {schema}.{name} is not in publication {:?}: add it with `pgcast tables add {schema}.{name}`",
+                        state.config.publication
+                    )
+                })?;
+            filter_text.map(|f| Filter::parse(f, &published)).transpose()?
+        }
+        None => {
+            if filter_text.is_some() {
+                return Err("a filter needs a table".into());
+            }
+            let any = catalog
+                .schema_has_tables(&schema)
+                .await
+                .map_err(|e| format!("cannot check schema {schema}: {e}"))?;
+            if !any {
+                return Err(format!(
+                    "schema {schema} has no tables in publication {:?}",
+                    state.config.publication
+                ));
+            }
+            None
+        }
+    };
+    let binding_id =
+        binding_id(event_text, &schema, table.as_deref().unwrap_or("*"), filter_text.unwrap_or(""));
+    Ok(Subscription {
+        id: state.next_subscription_id(),
+        session: handle.clone(),
+        topic: topic.clone(),
+        binding_id,
+        schema,
+        table,
+        events,
+        filter,
+    })
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `realtime:room1` -> `room1`.
+fn channel_name(topic: &str) -> &str {
+    topic.strip_prefix("realtime:").unwrap_or(topic)
+}
+
+/// A stable id for a binding's parameters, so identical bindings on different connections share
+/// one id (and therefore one serialized message). 31 bits, safe as a JavaScript number.
+fn binding_id(event: &str, schema: &str, table: &str, filter: &str) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for part in [event, schema, table, filter] {
+        for byte in part.bytes().chain(std::iter::once(0)) {
+            hash ^= byte as u32;
+            hash = hash.wrapping_mul(0x0100_0193);
+        }
+    }
+    hash & 0x7fff_ffff
+}
