@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -100,8 +100,9 @@ pub struct RunningServer {
 
 /// The process-wide Prometheus recorder (installed once; tests start several servers).
 fn metrics_handle() -> Result<PrometheusHandle, ServerError> {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    if let Some(handle) = HANDLE.get() {
+    static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+    let mut slot = HANDLE.lock().map_err(|_| ServerError::Metrics("recorder lock poisoned".into()))?;
+    if let Some(handle) = slot.as_ref() {
         return Ok(handle.clone());
     }
     let handle = PrometheusBuilder::new()
@@ -112,7 +113,8 @@ fn metrics_handle() -> Result<PrometheusHandle, ServerError> {
         .map_err(|e| ServerError::Metrics(e.to_string()))?
         .install_recorder()
         .map_err(|e| ServerError::Metrics(e.to_string()))?;
-    Ok(HANDLE.get_or_init(|| handle).clone())
+    *slot = Some(handle.clone());
+    Ok(handle)
 }
 
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {

@@ -73,9 +73,11 @@ impl Filter {
             "gt" => Op::Gt,
             "gte" => Op::Gte,
             "in" => Op::In,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "invalid filter {text:?}: unknown operator {other:?} (use eq, neq, lt, lte, gt, gte or in)"
-            )),
+            ))
+            }
         };
         let col = table.column(column).ok_or_else(|| {
             format!("invalid filter {text:?}: table {}.{} has no column {column:?}", table.schema, table.name)
