@@ -162,6 +162,18 @@ impl Client {
         Client { ws, v2, next_ref: 0 }
     }
 
+    /// Like [`Client::connect`] but with a tiny kernel receive buffer, so a client that stops
+    /// reading backs up into the server quickly (as a stalled phone would).
+    pub async fn connect_small_buffer(addr: std::net::SocketAddr, apikey: &str) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("tcp connect");
+        let url = format!("ws://{addr}/realtime/v1/websocket?vsn=2.0.0&apikey={apikey}");
+        let (ws, _) =
+            tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.expect("handshake");
+        Client { ws, v2: true, next_ref: 0 }
+    }
+
     /// Sends a frame and returns its ref.
     pub async fn push(&mut self, topic: &str, event: &str, payload: Value) -> String {
         self.next_ref += 1;
