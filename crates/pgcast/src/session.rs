@@ -552,5 +552,6 @@ fn binding_id(event: &str, schema: &str, table: &str, filter: &str) -> u32 {
             hash = hash.wrapping_mul(0x0100_0193);
         }
     }
-    hash & 0x7fff_ffff
+    // realtime-js treats id 0 as "no id", so never return it.
+    (hash & 0x7fff_ffff).max(1)
 }

@@ -131,11 +131,14 @@ impl PublishedTable {
     }
 }
 
+/// (schema, table) -> when it was looked up, and what was found.
+type TableCache = HashMap<(String, String), (Instant, Arc<PublishedTable>)>;
+
 pub struct Catalog {
     db: Arc<Db>,
     publication: String,
     types: RwLock<Arc<TypeCatalog>>,
-    tables: RwLock<HashMap<(String, String), (Instant, Arc<PublishedTable>)>>,
+    tables: RwLock<TableCache>,
 }
 
 impl Catalog {

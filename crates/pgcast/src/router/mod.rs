@@ -38,12 +38,15 @@ pub async fn run(
     }
 }
 
+/// One recipient of a change: a session and the binding ids it gets on one topic.
+type Target = (Arc<SessionHandle>, Vec<u32>);
+
 /// Scratch space reused across changes so routing does not allocate per subscriber.
 #[derive(Default)]
 pub struct Fanout {
     matched: Vec<Arc<Subscription>>,
-    /// (session, topic) -> the session and the binding ids it gets on that topic.
-    targets: HashMap<(u64, Arc<str>), (Arc<SessionHandle>, Vec<u32>)>,
+    /// (session id, topic) -> recipient.
+    targets: HashMap<(u64, Arc<str>), Target>,
     /// (topic, ids, serializer) -> the serialized message shared by all its recipients.
     encoded: HashMap<(Arc<str>, Vec<u32>, Vsn), Utf8Bytes>,
 }

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs every test of pgcast. On a fresh machine it first installs what is missing (PostgreSQL,
+# Node.js, the npm packages), idempotently. Used by CI through .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+have() { command -v "$1" >/dev/null 2>&1; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif have sudo; then sudo "$@"; else "$@"; fi; }
+
+apt_updated=
+apt_install() {
+  if [ -z "$apt_updated" ]; then as_root apt-get update -qq; apt_updated=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+log "checking tools"
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! have initdb; then
+  log "installing PostgreSQL"; apt_install postgresql
+fi
+if ! have node || ! have npm; then
+  log "installing Node.js"; apt_install nodejs npm
+fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+
+log "building"
+cargo build --locked --bins --tests
+
+log "Rust tests (unit + integration against real PostgreSQL)"
+if have cargo-nextest; then
+  cargo nextest run --locked --no-fail-fast
+else
+  cargo test --locked --no-fail-fast
+fi
+
+log "Node tests (official @supabase/realtime-js against pgcast)"
+(cd tests/js && npm ci --no-audit --no-fund --loglevel=error && npm test)

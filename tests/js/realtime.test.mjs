@@ -1,0 +1,187 @@
+// pgcast against the official @supabase/realtime-js client from the npm registry, unchanged,
+// with both serializers. The server under test is `pgcast demo` (private PostgreSQL + server).
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import { createServer } from 'node:net';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { RealtimeClient } from '@supabase/realtime-js';
+import WebSocket from 'ws';
+import pg from 'pg';
+
+const BIN = process.env.PGCAST_BIN ?? resolve(import.meta.dirname, '../../target/debug/pgcast');
+const DEADLINE_MS = 15_000;
+
+let demo;
+let info;
+let db;
+let dataDir;
+
+function freePort() {
+  return new Promise((res, rej) => {
+    const srv = createServer();
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => res(port));
+    });
+    srv.on('error', rej);
+  });
+}
+
+async function waitFor(what, predicate) {
+  const deadline = Date.now() + DEADLINE_MS;
+  while (Date.now() < deadline) {
+    if (predicate()) return;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+function sign(claims, secret) {
+  const b64 = (obj) => Buffer.from(JSON.stringify(obj)).toString('base64url');
+  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
+  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
+}
+
+function subscribed(channel) {
+  return new Promise((res, rej) => {
+    channel.subscribe((status, err) => {
+      if (status === 'SUBSCRIBED') res();
+      else if (status === 'CHANNEL_ERROR' || status === 'TIMED_OUT') rej(err ?? new Error(status));
+    });
+  });
+}
+
+function client(vsn, apikey = info.service_token) {
+  // Node 20 has no global WebSocket: realtime-js documents passing `ws` as the transport.
+  return new RealtimeClient(info.realtime_url, { params: { apikey }, transport: WebSocket, vsn });
+}
+
+before(async () => {
+  dataDir = mkdtempSync(join(tmpdir(), 'pgcast-js-'));
+  const pgPort = await freePort();
+  demo = spawn(BIN, ['demo', '--dir', dataDir, '--pg-port', String(pgPort), '--listen', '127.0.0.1:0'], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+    env: { ...process.env, PGCAST_LOG: 'warn' },
+  });
+  info = await new Promise((res, rej) => {
+    const timer = setTimeout(() => rej(new Error('pgcast demo did not start')), 60_000);
+    let buffered = '';
+    demo.stdout.on('data', (chunk) => {
+      buffered += chunk;
+      for (const line of buffered.split('\n')) {
+        if (line.startsWith('{') && line.includes('"demo_ready"')) {
+          clearTimeout(timer);
+          res(JSON.parse(line));
+        }
+      }
+    });
+    demo.on('exit', (code) => rej(new Error(`pgcast demo exited with ${code}`)));
+  });
+  db = new pg.Client({ connectionString: info.database_url });
+  await db.connect();
+});
+
+after(async () => {
+  await db?.end();
+  if (demo && demo.exitCode === null) {
+    const exited = new Promise((res) => demo.on('exit', (code, signal) => res({ code, signal })));
+    demo.kill('SIGTERM');
+    const { code } = await exited;
+    assert.equal(code, 0, 'pgcast demo shuts down cleanly on SIGTERM');
+  }
+  rmSync(dataDir, { recursive: true, force: true });
+});
+
+for (const vsn of ['1.0.0', '2.0.0']) {
+  test(`realtime-js vsn ${vsn}: filtered and unfiltered postgres_changes`, async () => {
+    const patient = vsn === '1.0.0' ? 101 : 202;
+    const other = patient + 1;
+    const rt = client(vsn);
+    const all = [];
+    const mine = [];
+    const inserts = [];
+    const chAll = rt
+      .channel(`all-${vsn}`)
+      .on('postgres_changes', { event: '*', schema: 'public', table: 'appointments' }, (p) => {
+        if ([patient, other].includes(p.new.patient_id ?? p.old.patient_id)) all.push(p);
+      });
+    const chMine = rt
+      .channel(`mine-${vsn}`)
+      .on(
+        'postgres_changes',
+        { event: '*', schema: 'public', table: 'appointments', filter: `patient_id=eq.${patient}` },
+        (p) => mine.push(p),
+      )
+      .on(
+        'postgres_changes',
+        { event: 'INSERT', schema: 'public', table: 'appointments', filter: `patient_id=in.(${patient},${other})` },
+        (p) => inserts.push(p),
+      );
+    await subscribed(chAll);
+    await subscribed(chMine);
+
+    const { rows } = await db.query(
+      `INSERT INTO appointments (tenant_id, patient_id, provider_id, starts_at, notes)
+       VALUES (1, $1, 5, '2030-01-02 10:00:00+00', 'first'), (1, $2, 5, '2030-01-02 11:00:00+00', null)
+       RETURNING id`,
+      [patient, other],
+    );
+    const [mineId, otherId] = rows.map((r) => Number(r.id));
+    await db.query(`UPDATE appointments SET status = 'confirmed' WHERE id = $1`, [mineId]);
+    await db.query(`DELETE FROM appointments WHERE id = $1`, [mineId]);
+
+    await waitFor('4 unfiltered events', () => all.length >= 4);
+    await waitFor('3 filtered events', () => mine.length >= 3);
+    await waitFor('2 inserts', () => inserts.length >= 2);
+
+    assert.deepEqual(
+      all.map((p) => p.eventType),
+      ['INSERT', 'INSERT', 'UPDATE', 'DELETE'],
+    );
+    assert.deepEqual(
+      mine.map((p) => p.eventType),
+      ['INSERT', 'UPDATE', 'DELETE'],
+    );
+    assert.deepEqual(
+      inserts.map((p) => p.new.id),
+      [mineId, otherId],
+    );
+
+    const [insert, update, del] = mine;
+    assert.equal(insert.schema, 'public');
+    assert.equal(insert.table, 'appointments');
+    assert.equal(insert.errors, null);
+    assert.match(insert.commit_timestamp, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+    assert.equal(insert.new.id, mineId);
+    assert.equal(insert.new.patient_id, patient);
+    assert.equal(insert.new.status, 'booked');
+    assert.equal(insert.new.notes, 'first');
+    assert.equal(insert.new.starts_at, '2030-01-02T10:00:00+00:00');
+    assert.deepEqual(insert.old, {});
+    assert.equal(update.new.status, 'confirmed');
+    assert.equal(update.old.status, 'booked', 'REPLICA IDENTITY FULL gives the old row');
+    assert.deepEqual(del.new, {});
+    assert.equal(del.old.id, mineId);
+    assert.equal(del.old.patient_id, patient);
+
+    await rt.removeAllChannels();
+    rt.disconnect();
+  });
+}
+
+test('a role without access is refused with a reason, and a bad table too', async () => {
+  const authenticated = sign({ role: 'authenticated', sub: '7', exp: Math.floor(Date.now() / 1000) + 600 }, info.jwt_secret);
+  const rt = client('2.0.0', authenticated);
+  const ch = rt.channel('refused').on('postgres_changes', { event: '*', schema: 'public', table: 'appointments' }, () => {});
+  await assert.rejects(subscribed(ch), /may not subscribe to postgres_changes/);
+  rt.disconnect();
+
+  const service = client('2.0.0');
+  const bad = service.channel('bad').on('postgres_changes', { event: '*', schema: 'public', table: 'nope' }, () => {});
+  await assert.rejects(subscribed(bad), /not in publication/);
+  service.disconnect();
+});
