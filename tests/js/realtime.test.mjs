@@ -185,3 +185,23 @@ test('a role without access is refused with a reason, and a bad table too', asyn
   await assert.rejects(subscribed(bad), /not in publication/);
   service.disconnect();
 });
+
+test('supabase-js pointed at pgcast receives changes through supabase.channel()', async () => {
+  const { createClient } = await import('@supabase/supabase-js');
+  const http = info.realtime_url.replace(/^ws/, 'http').replace(/\/realtime\/v1$/, '');
+  const supabase = createClient(http, info.service_token, {
+    auth: { persistSession: false, autoRefreshToken: false },
+    realtime: { transport: WebSocket },
+  });
+  const got = [];
+  const channel = supabase
+    .channel('supabase-js')
+    .on('postgres_changes', { event: 'INSERT', schema: 'public', table: 'appointments', filter: 'patient_id=eq.303' }, (p) =>
+      got.push(p),
+    );
+  await subscribed(channel);
+  await db.query(`INSERT INTO appointments (tenant_id, patient_id, provider_id, starts_at) VALUES (1, 303, 9, now())`);
+  await waitFor('supabase-js insert', () => got.length === 1);
+  assert.equal(got[0].new.patient_id, 303);
+  await supabase.removeAllChannels();
+});

@@ -194,14 +194,14 @@ impl Session {
                         Some(Ok(Message::Close(_))) | None => return Ending::Gone,
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                         Some(Err(e)) => {
-                            let text = e.to_string();
-                            if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
+                            let error = e.into_inner();
+                            if matches!(error.downcast_ref(), Some(tungstenite::Error::Capacity(_))) {
                                 return Ending::Close(
                                     close_code::TOO_BIG,
                                     format!("message larger than {} bytes", self.state.config.max_message_bytes),
                                 );
                             }
-                            tracing::debug!(session = self.handle.id, error = %text, "socket error");
+                            tracing::debug!(session = self.handle.id, error = %error, "socket error");
                             return Ending::Gone;
                         }
                     }

@@ -137,3 +137,75 @@ fn configuration_errors_print_one_line_and_exit_2() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("cannot read config file"), "{stderr}");
 }
+
+#[tokio::test]
+async fn tables_command_adds_lists_and_removes() {
+    let pg = Pg::start("tablescli").await;
+    pg.exec(SCHEMA).await;
+    let url = pg.url();
+    let env = [("PGCAST_DATABASE_URL", url.as_str())];
+    let run = |args: &'static [&'static str]| {
+        let env = env.map(|(k, v)| (k.to_string(), v.to_string()));
+        tokio::task::spawn_blocking(move || {
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgcast"));
+            cmd.args(args).envs(env);
+            let out = cmd.output().expect("run pgcast");
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).to_string(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        })
+    };
+    let (code, out, _) = run(&["tables", "add", "visits"]).await.unwrap();
+    assert_eq!(code, Some(0));
+    assert!(out.contains("public.visits is in publication pgcast"), "{out}");
+    let (_, out, _) = run(&["tables", "list"]).await.unwrap();
+    assert_eq!(out.trim(), "public.visits\treplica identity default");
+    let (code, _, err) = run(&["tables", "add", "missing_table"]).await.unwrap();
+    assert_eq!(code, Some(1));
+    assert!(err.contains("table public.missing_table does not exist"), "{err}");
+    let (code, _, _) = run(&["tables", "remove", "visits"]).await.unwrap();
+    assert_eq!(code, Some(0));
+    let (_, out, _) = run(&["tables", "list"]).await.unwrap();
+    assert_eq!(out.trim(), "");
+}
+
+#[tokio::test]
+async fn logs_are_json_lines_without_row_contents_or_tokens() {
+    use tokio::io::AsyncReadExt;
+    let pg = Pg::start("logs").await;
+    pg.publish(SCHEMA, &["visits"]).await;
+    let port = free_port();
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcast"))
+        .arg("serve")
+        .env("PGCAST_DATABASE_URL", pg.url())
+        .env("PGCAST_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PGCAST_JWT_SECRET", SECRET)
+        .env("PGCAST_LOG", "debug")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    wait_ready(&format!("http://127.0.0.1:{port}")).await;
+    let service = token("service_role", 600);
+    let mut client =
+        Client::connect(format!("127.0.0.1:{port}").parse().unwrap(), Some(&service), true).await;
+    client.join("realtime:v", json!([binding("*", "visits", None)]), None).await;
+    client.join("realtime:bad", json!([]), Some("not-a-token")).await;
+    pg.exec("INSERT INTO visits VALUES (1, 'PHI-diagnosis-do-not-log')").await;
+    assert_eq!(client.changes(1, DEADLINE).await.len(), 1);
+    unsafe { libc::kill(server.id().unwrap() as i32, libc::SIGTERM) };
+    let mut stderr = String::new();
+    server.stderr.take().unwrap().read_to_string(&mut stderr).await.unwrap();
+    assert!(server.wait().await.unwrap().success(), "clean exit on SIGTERM");
+    assert!(stderr.lines().count() > 3, "{stderr}");
+    for line in stderr.lines() {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    }
+    assert!(!stderr.contains("PHI-diagnosis"), "row contents leaked into logs");
+    assert!(!stderr.contains(&service) && !stderr.contains("not-a-token"), "a token leaked into logs");
+    assert!(!stderr.contains(SECRET), "the JWT secret leaked into logs");
+    assert!(stderr.contains("\"topic\":\"realtime:v\""), "joins are logged with ids");
+}
