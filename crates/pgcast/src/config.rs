@@ -41,6 +41,7 @@ pub struct ConfigOverrides {
     pub jwt_secret: Option<String>,
     pub publication: Option<String>,
     pub slot: Option<String>,
+    pub policy: Option<PathBuf>,
 }
 
 /// The TOML file's shape. Unknown keys are an error so a typo is not silently ignored.
@@ -52,6 +53,7 @@ struct FileConfig {
     jwt_secret: Option<String>,
     publication: Option<String>,
     slot: Option<String>,
+    policy: Option<PathBuf>,
     outbound_queue: Option<usize>,
     heartbeat_timeout_secs: Option<u64>,
     max_message_bytes: Option<usize>,
@@ -65,6 +67,9 @@ pub struct Config {
     pub jwt_secret: String,
     pub publication: String,
     pub slot: String,
+    /// The row policy and channel authorization file; `None` means default deny (only
+    /// `service_role` receives changes).
+    pub policy: Option<PathBuf>,
     /// Messages a connection may have queued before it is cut off as too slow.
     pub outbound_queue: usize,
     /// A client that sends nothing (not even a heartbeat) for this long is disconnected.
@@ -80,6 +85,7 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("publication", &self.publication)
             .field("slot", &self.slot)
+            .field("policy", &self.policy)
             .field("outbound_queue", &self.outbound_queue)
             .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("max_message_bytes", &self.max_message_bytes)
@@ -132,6 +138,7 @@ impl Config {
         check_identifier("publication", &publication)?;
         let slot = overrides.slot.or(from_file.slot).unwrap_or_else(|| DEFAULT_SLOT.to_string());
         check_identifier("slot", &slot)?;
+        let policy = overrides.policy.or(from_file.policy);
         let outbound_queue = from_file.outbound_queue.unwrap_or(DEFAULT_OUTBOUND_QUEUE);
         if !(16..=1_000_000).contains(&outbound_queue) {
             return Err(ConfigError::Invalid {
@@ -159,6 +166,7 @@ impl Config {
             jwt_secret,
             publication,
             slot,
+            policy,
             outbound_queue,
             heartbeat_timeout: Duration::from_secs(heartbeat_secs),
             max_message_bytes,

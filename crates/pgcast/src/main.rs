@@ -58,6 +58,9 @@ struct ServeArgs {
     /// Logical replication slot [default: pgcast].
     #[arg(long, env = "PGCAST_SLOT")]
     slot: Option<String>,
+    /// Row policy and channel authorization file (TOML) [default: only service_role sees rows].
+    #[arg(long, env = "PGCAST_POLICY")]
+    policy: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -160,6 +163,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         jwt_secret: args.jwt_secret,
         publication: args.publication,
         slot: args.slot,
+        policy: args.policy,
     };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| UsageError(e.to_string()))?;
     tracing::info!(config = ?config, "starting");

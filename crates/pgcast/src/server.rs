@@ -22,6 +22,8 @@ use crate::capture::replication::{self, ReplicationSource, ReplicationStatus};
 use crate::capture::{format_lsn, Progress};
 use crate::config::Config;
 use crate::db::{Db, DbError};
+use crate::router::index::Subscription;
+use crate::router::policy::{Policy, PolicyError};
 use crate::router::{self, index::Index};
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 
@@ -40,6 +42,8 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
 }
 
 /// Everything a request or a session needs, shared.
@@ -49,6 +53,7 @@ pub struct AppState {
     pub db: Arc<Db>,
     pub catalog: Arc<Catalog>,
     pub index: Arc<RwLock<Index>>,
+    pub policy: Arc<Policy>,
     pub replication: Arc<ReplicationStatus>,
     pub progress: Arc<Progress>,
     pub shutdown: Shutdown,
@@ -62,6 +67,20 @@ pub struct AppState {
 impl AppState {
     pub fn next_subscription_id(&self) -> u64 {
         self.next_subscription.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn index_insert(&self, subscriptions: &[Arc<Subscription>]) {
+        let mut index = self.index.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for sub in subscriptions {
+            index.insert(sub.clone());
+        }
+    }
+
+    pub fn index_remove(&self, subscriptions: &[Arc<Subscription>]) {
+        let mut index = self.index.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for sub in subscriptions {
+            index.remove(sub);
+        }
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -126,6 +145,20 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     }
     let catalog = Arc::new(Catalog::new(db.clone(), &config.publication));
     catalog.reload_types().await?;
+    let policy = match &config.policy {
+        Some(path) => Policy::load(path, &catalog).await?,
+        None => Policy::deny_all(),
+    };
+    for ((schema, table), table_policy) in policy.tables() {
+        if !table_policy.replica_identity_full {
+            tracing::warn!(
+                table = %format!("{schema}.{table}"),
+                "table has a row policy but not REPLICA IDENTITY FULL: DELETEs and rows leaving a \
+                 subscriber's view cannot be checked against the policy and are not delivered \
+                 (ALTER TABLE ... REPLICA IDENTITY FULL)"
+            );
+        }
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
@@ -140,6 +173,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         db: db.clone(),
         catalog: catalog.clone(),
         index: index.clone(),
+        policy: Arc::new(policy),
         replication: status.clone(),
         progress: progress.clone(),
         shutdown: shutdown.clone(),

@@ -134,6 +134,14 @@ impl PublishedTable {
 /// (schema, table) -> when it was looked up, and what was found.
 type TableCache = HashMap<(String, String), (Instant, Arc<PublishedTable>)>;
 
+/// A table's definition as policies need it.
+#[derive(Debug)]
+pub struct TableDefinition {
+    pub table: PublishedTable,
+    pub primary_key: Vec<String>,
+    pub replica_identity_full: bool,
+}
+
 pub struct Catalog {
     db: Arc<Db>,
     publication: String,
@@ -235,6 +243,62 @@ impl Catalog {
             tables.insert(key, (Instant::now(), table.clone()));
         }
         Ok(Some(table))
+    }
+
+    /// Any table's columns, primary key and replica identity, published or not (for compiling
+    /// policies at start-up). `None` if the table does not exist.
+    pub async fn table_definition(
+        &self,
+        schema: &str,
+        name: &str,
+    ) -> Result<Option<TableDefinition>, DbError> {
+        let client = self.db.client().await?;
+        let Some(table) = client
+            .query_opt(
+                "SELECT c.oid::int8, c.relreplident::text FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                &[&schema, &name],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let oid: i64 = table.get(0);
+        let replica_identity: String = table.get(1);
+        let rows = client
+            .query(
+                "SELECT a.attname::text, a.atttypid::int8, \
+                 coalesce(a.attnum = ANY(i.indkey::int2[]), false) \
+                 FROM pg_attribute a \
+                 LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
+                 WHERE a.attrelid = $1::int8::oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                &[&oid],
+            )
+            .await?;
+        let mut types = self.types();
+        let mut columns = Vec::with_capacity(rows.len());
+        let mut primary_key = Vec::new();
+        for row in &rows {
+            let type_oid = row.get::<_, i64>(1) as u32;
+            if types.get(type_oid).is_none() {
+                types = self.reload_types().await?;
+            }
+            let (type_name, kind) = match types.get(type_oid) {
+                Some(info) => (info.name.clone(), info.kind.clone()),
+                None => (type_oid.to_string(), ValueKind::Text),
+            };
+            let name: String = row.get(0);
+            if row.get::<_, bool>(2) {
+                primary_key.push(name.clone());
+            }
+            columns.push(TableColumn { name, type_name, kind });
+        }
+        Ok(Some(TableDefinition {
+            table: PublishedTable { schema: schema.to_string(), name: name.to_string(), columns },
+            primary_key,
+            replica_identity_full: replica_identity == "f",
+        }))
     }
 
     /// Whether any table of `schema` is in the publication (for schema-wide subscriptions).

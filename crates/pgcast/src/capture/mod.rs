@@ -118,10 +118,15 @@ impl Row {
     /// `keys_only`. Columns whose value is an unchanged TOAST value are left out (the payload
     /// names them separately).
     pub fn write_json(&self, relation: &Relation, keys_only: bool, out: &mut String) {
+        self.write_json_where(relation, |column| !keys_only || column.is_key, out);
+    }
+
+    /// Writes the columns `include` admits as a JSON object, in column order.
+    pub fn write_json_where(&self, relation: &Relation, include: impl Fn(&Column) -> bool, out: &mut String) {
         out.push('{');
         let mut first = true;
         for (column, value) in relation.columns.iter().zip(&self.values) {
-            if matches!(value, Value::UnchangedToast) || (keys_only && !column.is_key) {
+            if matches!(value, Value::UnchangedToast) || !include(column) {
                 continue;
             }
             if !first {

@@ -114,18 +114,20 @@ impl Filter {
         let Some(index) = relation.column_index(&self.column) else { return false };
         let Some(text) = row.text(index) else { return false };
         let Some(value) = self.kind.parse_scalar(text) else { return false };
+        self.accepts_scalar(&value)
+    }
+
+    /// Whether a (non-NULL) column value passes.
+    pub fn accepts_scalar(&self, value: &Scalar) -> bool {
         let cmp = |operand: &Scalar| value.compare(operand);
+        let first = self.operands.first().and_then(cmp);
         match self.op {
-            Op::Eq => self.operands.first().and_then(cmp) == Some(Ordering::Equal),
-            Op::Neq => {
-                matches!(self.operands.first().and_then(cmp), Some(Ordering::Less | Ordering::Greater))
-            }
-            Op::Lt => self.operands.first().and_then(cmp) == Some(Ordering::Less),
-            Op::Lte => matches!(self.operands.first().and_then(cmp), Some(Ordering::Less | Ordering::Equal)),
-            Op::Gt => self.operands.first().and_then(cmp) == Some(Ordering::Greater),
-            Op::Gte => {
-                matches!(self.operands.first().and_then(cmp), Some(Ordering::Greater | Ordering::Equal))
-            }
+            Op::Eq => first == Some(Ordering::Equal),
+            Op::Neq => matches!(first, Some(Ordering::Less | Ordering::Greater)),
+            Op::Lt => first == Some(Ordering::Less),
+            Op::Lte => matches!(first, Some(Ordering::Less | Ordering::Equal)),
+            Op::Gt => first == Some(Ordering::Greater),
+            Op::Gte => matches!(first, Some(Ordering::Greater | Ordering::Equal)),
             Op::In => self.operands.iter().any(|o| cmp(o) == Some(Ordering::Equal)),
         }
     }

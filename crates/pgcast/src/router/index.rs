@@ -11,6 +11,7 @@ use crate::capture::{Change, ChangeKind, Row};
 use crate::session::SessionHandle;
 
 use super::filter::{EventFilter, Filter};
+use super::policy::{BoundPolicy, Visibility};
 
 pub type SubscriptionId = u64;
 
@@ -28,25 +29,77 @@ pub struct Subscription {
     pub table: Option<String>,
     pub events: EventFilter,
     pub filter: Option<Filter>,
+    /// What the subscriber's role may see; `None` for the service role (everything).
+    pub policy: Option<BoundPolicy>,
 }
 
 impl Subscription {
-    /// Whether this subscription receives `change` (table already matched by the index).
-    pub fn accepts(&self, change: &Change) -> bool {
+    /// The (column, value key) the index files this subscription under: its own equality
+    /// filter, else its policy's pinned column; `None` when it must be tested one by one.
+    pub fn index_key(&self) -> Option<(String, String)> {
+        let by_filter = self.filter.as_ref().and_then(|f| f.eq_key().map(|k| (f.column.clone(), k)));
+        by_filter.or_else(|| {
+            let condition = self.policy.as_ref()?.index_condition()?;
+            Some((condition.column.clone(), condition.eq_key()?))
+        })
+    }
+
+    /// What this subscription receives of `change` (its table already matched by the index).
+    pub fn visibility(&self, change: &Change) -> Visibility {
+        let event_ok = match change.kind {
+            ChangeKind::Truncate => self.events == EventFilter::All,
+            // A row leaving the view arrives as a DELETE, so UPDATE and DELETE bindings qualify.
+            ChangeKind::Update => {
+                self.events.accepts(ChangeKind::Update) || self.events.accepts(ChangeKind::Delete)
+            }
+            kind => self.events.accepts(kind),
+        };
+        if !event_ok {
+            return Visibility::Hidden;
+        }
+        if let Some(policy) = &self.policy {
+            let visibility = policy.visibility(change, self.filter.as_ref());
+            return match visibility {
+                Visibility::Visible(_) if !self.events.accepts(change.kind) => Visibility::Hidden,
+                Visibility::LeftView(_)
+                    if !self.events.accepts(ChangeKind::Delete)
+                        && !self.events.accepts(ChangeKind::Update) =>
+                {
+                    Visibility::Hidden
+                }
+                other => other,
+            };
+        }
+        if !self.events.accepts(change.kind) {
+            return Visibility::Hidden;
+        }
         if change.kind == ChangeKind::Truncate {
             // A truncation has no row to test a filter against: only unfiltered `*` bindings
             // receive it.
-            return self.filter.is_none() && self.events == EventFilter::All;
+            return if self.filter.is_none() { Visibility::Visible(None) } else { Visibility::Hidden };
         }
-        if !self.events.accepts(change.kind) {
-            return false;
-        }
-        match (&self.filter, filter_row(change)) {
+        let passes = match (&self.filter, filter_row(change)) {
             (None, _) => true,
             (Some(filter), Some(row)) => filter.matches(&change.relation, row),
             (Some(_), None) => false,
+        };
+        if passes {
+            Visibility::Visible(None)
+        } else {
+            Visibility::Hidden
         }
     }
+}
+
+/// Rows whose values locate equality-indexed subscriptions.
+fn lookup_rows(change: &Change) -> impl Iterator<Item = &Row> {
+    let (first, second) = match change.kind {
+        ChangeKind::Insert => (change.new.as_ref(), None),
+        ChangeKind::Update => (change.new.as_ref(), change.old.as_ref()),
+        ChangeKind::Delete => (change.old.as_ref(), None),
+        ChangeKind::Truncate => (None, None),
+    };
+    first.into_iter().chain(second)
 }
 
 /// The row filters apply to: the new row for INSERT/UPDATE, the old row for DELETE.
@@ -95,10 +148,10 @@ impl Index {
     pub fn insert(&mut self, sub: Arc<Subscription>) {
         let table = sub.table.clone().unwrap_or_else(|| ALL_TABLES.into());
         let entry = self.tables.entry(sub.schema.clone()).or_default().entry(table).or_default();
-        let previous = match sub.filter.as_ref().and_then(|f| f.eq_key().map(|k| (f, k))) {
-            Some((filter, value_key)) => entry
+        let previous = match sub.index_key() {
+            Some((column, value_key)) => entry
                 .by_eq
-                .entry(filter.column.clone())
+                .entry(column)
                 .or_default()
                 .entry(value_key)
                 .or_default()
@@ -114,16 +167,16 @@ impl Index {
         let table = sub.table.as_deref().unwrap_or(ALL_TABLES);
         let Some(schema) = self.tables.get_mut(&sub.schema) else { return };
         let Some(entry) = schema.get_mut(table) else { return };
-        let removed = match sub.filter.as_ref().and_then(|f| f.eq_key().map(|k| (f, k))) {
-            Some((filter, value_key)) => {
-                let Some(values) = entry.by_eq.get_mut(&filter.column) else { return };
+        let removed = match sub.index_key() {
+            Some((column, value_key)) => {
+                let Some(values) = entry.by_eq.get_mut(&column) else { return };
                 let Some(bucket) = values.get_mut(&value_key) else { return };
                 let removed = bucket.remove(&sub.id).is_some();
                 if bucket.is_empty() {
                     values.remove(&value_key);
                 }
                 if values.is_empty() {
-                    entry.by_eq.remove(&filter.column);
+                    entry.by_eq.remove(&column);
                 }
                 removed
             }
@@ -140,20 +193,34 @@ impl Index {
         }
     }
 
-    /// Every subscription that receives `change`, each once.
-    pub fn matches(&self, change: &Change, out: &mut Vec<Arc<Subscription>>) {
+    /// Every subscription that receives `change`, each once, with what it receives.
+    pub fn matches(&self, change: &Change, out: &mut Vec<(Arc<Subscription>, Visibility)>) {
         let relation = &change.relation;
         let Some(schema) = self.tables.get(relation.schema.as_str()) else { return };
         for table in [relation.name.as_str(), ALL_TABLES] {
             let Some(entry) = schema.get(table) else { continue };
-            out.extend(entry.scanned.values().filter(|s| s.accepts(change)).cloned());
-            let Some(row) = filter_row(change) else { continue };
-            for (column, values) in &entry.by_eq {
-                let Some(index) = relation.column_index(column) else { continue };
-                let Some(text) = row.text(index) else { continue };
-                let Some(value) = relation.columns[index].kind.parse_scalar(text) else { continue };
-                if let Some(bucket) = values.get(&value.index_key()) {
-                    out.extend(bucket.values().filter(|s| s.accepts(change)).cloned());
+            let mut test = |sub: &Arc<Subscription>| match sub.visibility(change) {
+                Visibility::Hidden => {}
+                visibility => out.push((sub.clone(), visibility)),
+            };
+            entry.scanned.values().for_each(&mut test);
+            // Equality-indexed subscriptions are found by the row's value. An UPDATE is looked
+            // up by its new and its old value, so a row moving out of a view is still seen.
+            let mut keys: Vec<(&str, String)> = Vec::new();
+            for row in lookup_rows(change) {
+                for column in entry.by_eq.keys() {
+                    let Some(index) = relation.column_index(column) else { continue };
+                    let Some(text) = row.text(index) else { continue };
+                    let Some(value) = relation.columns[index].kind.parse_scalar(text) else { continue };
+                    let key = (column.as_str(), value.index_key());
+                    if !keys.contains(&key) {
+                        keys.push(key);
+                    }
+                }
+            }
+            for (column, key) in keys {
+                if let Some(bucket) = entry.by_eq.get(column).and_then(|values| values.get(&key)) {
+                    bucket.values().for_each(&mut test);
                 }
             }
         }

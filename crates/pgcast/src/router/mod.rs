@@ -11,17 +11,20 @@
 pub mod filter;
 pub mod index;
 pub mod payload;
+pub mod policy;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use axum::extract::ws::Utf8Bytes;
+use axum::extract::ws::{Message, Utf8Bytes};
 use tokio::sync::mpsc;
 
 use crate::capture::{Change, Progress, Transaction};
 use crate::protocol::phoenix::{self, Vsn};
 use crate::session::{Outbound, SessionHandle};
 use index::{Index, Subscription};
+use payload::View;
+use policy::{Visibility, FULL_SHAPE_ID, LEFT_VIEW_SHAPE_ID};
 
 /// Routes until the capture side closes the channel.
 pub async fn run(
@@ -44,11 +47,21 @@ type Target = (Arc<SessionHandle>, Vec<u32>);
 /// Scratch space reused across changes so routing does not allocate per subscriber.
 #[derive(Default)]
 pub struct Fanout {
-    matched: Vec<Arc<Subscription>>,
-    /// (session id, topic) -> recipient.
-    targets: HashMap<(u64, Arc<str>), Target>,
-    /// (topic, ids, serializer) -> the serialized message shared by all its recipients.
-    encoded: HashMap<(Arc<str>, Vec<u32>, Vsn), Utf8Bytes>,
+    matched: Vec<(Arc<Subscription>, Visibility)>,
+    /// (session id, topic, shape id) -> recipient.
+    targets: HashMap<(u64, Arc<str>, u32), Target>,
+    /// shape id -> the view and its serialized `data`.
+    views: HashMap<u32, (Visibility, Option<String>)>,
+    /// (topic, ids, serializer, shape id) -> the serialized message shared by its recipients.
+    encoded: HashMap<(Arc<str>, Vec<u32>, Vsn, u32), Utf8Bytes>,
+}
+
+fn shape_id(visibility: &Visibility) -> u32 {
+    match visibility {
+        Visibility::Visible(None) | Visibility::Hidden => FULL_SHAPE_ID,
+        Visibility::Visible(Some(spec)) => spec.id,
+        Visibility::LeftView(_) => LEFT_VIEW_SHAPE_ID,
+    }
 }
 
 impl Fanout {
@@ -63,30 +76,45 @@ impl Fanout {
             return 0;
         }
         self.targets.clear();
+        self.views.clear();
         self.encoded.clear();
-        for sub in self.matched.drain(..) {
+        for (sub, visibility) in self.matched.drain(..) {
+            let shape = shape_id(&visibility);
+            self.views.entry(shape).or_insert((visibility, None));
             let (_, ids) = self
                 .targets
-                .entry((sub.session.id, sub.topic.clone()))
+                .entry((sub.session.id, sub.topic.clone(), shape))
                 .or_insert_with(|| (sub.session.clone(), Vec::new()));
             if !ids.contains(&sub.binding_id) {
                 ids.push(sub.binding_id);
             }
         }
-        let data = payload::change_data(tx, change);
         let mut delivered = 0;
-        for ((_, topic), (session, ids)) in self.targets.iter_mut() {
+        for ((_, topic, shape), (session, ids)) in self.targets.iter_mut() {
             ids.sort_unstable();
-            let key = (topic.clone(), ids.clone(), session.vsn);
-            let text = self
-                .encoded
-                .entry(key)
-                .or_insert_with(|| {
-                    let body = payload::message_payload(ids, &data);
-                    phoenix::encode_raw(session.vsn, None, None, topic, "postgres_changes", &body).into()
-                })
-                .clone();
-            if session.deliver(Outbound { text, commit_time_micros: tx.commit_time_micros }) {
+            let key = (topic.clone(), ids.clone(), session.vsn, *shape);
+            let text = match self.encoded.get(&key) {
+                Some(text) => text.clone(),
+                None => {
+                    let Some((visibility, data)) = self.views.get_mut(shape) else { continue };
+                    let data = data.get_or_insert_with(|| {
+                        let view = match visibility {
+                            Visibility::Visible(Some(spec)) => View::Shaped(spec),
+                            Visibility::LeftView(primary_key) => View::LeftView(primary_key),
+                            Visibility::Visible(None) | Visibility::Hidden => View::Full,
+                        };
+                        payload::change_data(tx, change, view)
+                    });
+                    let body = payload::message_payload(ids, data);
+                    let text: Utf8Bytes =
+                        phoenix::encode_raw(session.vsn, None, None, topic, "postgres_changes", &body).into();
+                    self.encoded.insert(key, text.clone());
+                    text
+                }
+            };
+            let message =
+                Outbound { message: Message::Text(text), commit_time_micros: tx.commit_time_micros };
+            if session.deliver(message) {
                 delivered += 1;
             }
         }

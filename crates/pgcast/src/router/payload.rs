@@ -5,11 +5,43 @@
 //! `ids` differ between bindings.
 
 use crate::capture::value::write_json_string;
-use crate::capture::{Change, ChangeKind, Transaction, Value};
+use crate::capture::{Change, ChangeKind, Column, Transaction, Value};
 
-/// Serializes the `data` object of a change.
-pub fn change_data(tx: &Transaction, change: &Change) -> String {
+use super::policy::{Shape, ShapeSpec};
+
+/// What of a change one group of subscribers receives.
+#[derive(Debug, Clone, Copy)]
+pub enum View<'a> {
+    /// Whole rows (no policy, or a `full` rule).
+    Full,
+    /// A policy shape: `keys` or an allow-list of columns.
+    Shaped(&'a ShapeSpec),
+    /// The row left the subscriber's view: a DELETE carrying the primary key only.
+    LeftView(&'a [String]),
+}
+
+impl View<'_> {
+    fn includes(&self, column: &Column) -> bool {
+        match self {
+            View::Full => true,
+            View::Shaped(spec) => {
+                spec.primary_key.contains(&column.name)
+                    || match &spec.shape {
+                        Shape::Full => true,
+                        Shape::Keys => false,
+                        Shape::Columns(columns) => columns.contains(&column.name),
+                    }
+            }
+            View::LeftView(primary_key) => primary_key.contains(&column.name),
+        }
+    }
+}
+
+/// Serializes the `data` object of a change as `view` allows.
+pub fn change_data(tx: &Transaction, change: &Change, view: View<'_>) -> String {
     let relation = &change.relation;
+    let left_view = matches!(view, View::LeftView(_));
+    let kind = if left_view { ChangeKind::Delete } else { change.kind };
     let mut out = String::with_capacity(256);
     out.push_str("{\"schema\":");
     write_json_string(&relation.schema, &mut out);
@@ -18,12 +50,14 @@ pub fn change_data(tx: &Transaction, change: &Change) -> String {
     out.push_str(",\"commit_timestamp\":\"");
     out.push_str(&format_utc_micros(tx.commit_time_micros));
     out.push_str("\",\"type\":\"");
-    out.push_str(change.kind.as_str());
+    out.push_str(kind.as_str());
     out.push_str("\",\"columns\":[");
-    for (i, column) in relation.columns.iter().enumerate() {
-        if i > 0 {
+    let mut first = true;
+    for column in relation.columns.iter().filter(|c| view.includes(c)) {
+        if !first {
             out.push(',');
         }
+        first = false;
         out.push_str("{\"name\":");
         write_json_string(&column.name, &mut out);
         out.push_str(",\"type\":");
@@ -31,28 +65,51 @@ pub fn change_data(tx: &Transaction, change: &Change) -> String {
         out.push('}');
     }
     out.push(']');
-    if let (ChangeKind::Insert | ChangeKind::Update, Some(new)) = (change.kind, &change.new) {
+    if let (ChangeKind::Insert | ChangeKind::Update, Some(new)) = (kind, &change.new) {
         out.push_str(",\"record\":");
-        new.write_json(relation, false, &mut out);
+        new.write_json_where(relation, |c| view.includes(c), &mut out);
     }
-    match change.kind {
-        ChangeKind::Update | ChangeKind::Delete => {
-            out.push_str(",\"old_record\":");
-            // With REPLICA IDENTITY FULL the old row is complete; otherwise PostgreSQL sends the
-            // key only (or nothing when an UPDATE kept the key, then the new row's key stands).
-            let keys_only = relation.replica_identity != b'f';
-            match change.old.as_ref().or(change.new.as_ref()) {
-                Some(old) => old.write_json(relation, keys_only || change.old.is_none(), &mut out),
-                None => out.push_str("{}"),
+    if matches!(kind, ChangeKind::Update | ChangeKind::Delete) {
+        out.push_str(",\"old_record\":");
+        // With REPLICA IDENTITY FULL the old row is complete; otherwise PostgreSQL sends the
+        // key only (or nothing when an UPDATE kept the key, then the new row's key stands).
+        let keys_only = relation.replica_identity != b'f' || change.old.is_none();
+        match change.old.as_ref().or(change.new.as_ref()) {
+            Some(old) => {
+                old.write_json_where(relation, |c| view.includes(c) && (!keys_only || c.is_key), &mut out)
             }
+            None => out.push_str("{}"),
         }
-        ChangeKind::Insert | ChangeKind::Truncate => {}
+    }
+    if left_view {
+        out.push_str(",\"left_view\":true");
+    }
+    if let (View::Shaped(ShapeSpec { shape: Shape::Keys, .. }), ChangeKind::Update, Some(old), Some(new)) =
+        (view, kind, &change.old, &change.new)
+    {
+        // Names of the columns this UPDATE changed (known when the old row is whole).
+        if relation.replica_identity == b'f' {
+            out.push_str(",\"changed_columns\":[");
+            let mut first = true;
+            for ((column, before), after) in relation.columns.iter().zip(&old.values).zip(&new.values) {
+                if before == after || matches!(after, Value::UnchangedToast) {
+                    continue;
+                }
+                if !first {
+                    out.push(',');
+                }
+                first = false;
+                write_json_string(&column.name, &mut out);
+            }
+            out.push(']');
+        }
     }
     let unchanged: Vec<&str> = change
         .new
         .iter()
+        .filter(|_| !left_view)
         .flat_map(|row| relation.columns.iter().zip(&row.values))
-        .filter(|(_, value)| matches!(value, Value::UnchangedToast))
+        .filter(|(column, value)| matches!(value, Value::UnchangedToast) && view.includes(column))
         .map(|(column, _)| column.name.as_str())
         .collect();
     if !unchanged.is_empty() {

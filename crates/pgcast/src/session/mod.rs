@@ -14,17 +14,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::auth::{AuthError, Claims, SERVICE_ROLE};
+use crate::auth::{AuthError, Claims};
 use crate::protocol::phoenix::{self, Frame, Vsn};
-use crate::router::filter::{EventFilter, Filter};
 use crate::router::index::Subscription;
+use crate::router::policy::ChannelAccess;
 use crate::server::AppState;
+
+mod subscribe;
 
 /// Most messages written before one flush.
 const WRITE_BATCH: usize = 64;
@@ -43,7 +45,8 @@ pub mod close_code {
 /// A message on its way to one or more connections: the bytes are shared, not copied.
 #[derive(Clone)]
 pub struct Outbound {
-    pub text: Utf8Bytes,
+    /// A text or binary frame; cloning it shares the bytes.
+    pub message: Message,
     /// Commit time of the change it carries (µs since the Unix epoch), for the latency metric.
     pub commit_time_micros: i64,
 }
@@ -89,9 +92,13 @@ impl SessionHandle {
 /// A channel this connection has joined.
 struct JoinedChannel {
     join_ref: Option<String>,
+    /// The join's `postgres_changes` bindings, kept to re-bind them when the token changes.
+    bindings: Vec<Value>,
     subscriptions: Vec<Arc<Subscription>>,
     claims: Claims,
     expires_at: Instant,
+    private: bool,
+    access: ChannelAccess,
 }
 
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
@@ -226,7 +233,7 @@ impl Session {
         let oldest = batch.iter().map(|m| m.commit_time_micros).min().unwrap_or(0);
         let count = batch.len();
         for message in batch.drain(..) {
-            self.socket.feed(Message::Text(message.text)).await?;
+            self.socket.feed(message.message).await?;
         }
         self.socket.flush().await?;
         metrics::counter!("pgcast_messages_sent_total").increment(count as u64);
@@ -339,34 +346,32 @@ impl Session {
             Some(Value::Array(items)) => items.clone(),
             Some(_) => return self.reply_error(&frame, "config.postgres_changes must be an array").await,
         };
-        if !bindings.is_empty() && claims.role != SERVICE_ROLE {
-            let reason = format!(
-                "role {:?} may not subscribe to postgres_changes: only {SERVICE_ROLE} can until row policies are configured",
-                claims.role
-            );
+        let private = frame.payload.pointer("/config/private").and_then(Value::as_bool).unwrap_or(false);
+        let access = self.state.policy.channel_access(channel_name(&frame.topic), private, &claims);
+        if !access.read && !access.write {
+            let reason = if private {
+                format!(
+                    "role {:?} is not allowed to join private channel {:?}",
+                    claims.role,
+                    channel_name(&frame.topic)
+                )
+            } else {
+                "public channels are disabled: join with config.private = true".to_string()
+            };
+            return self.reply_error(&frame, reason).await;
+        }
+        if !bindings.is_empty() && !access.read {
+            let reason =
+                format!("role {:?} may not read channel {:?}", claims.role, channel_name(&frame.topic));
             return self.reply_error(&frame, reason).await;
         }
         let topic: Arc<str> = Arc::from(frame.topic.as_str());
-        let mut subscriptions = Vec::with_capacity(bindings.len());
-        let mut response = Vec::with_capacity(bindings.len());
-        for binding in &bindings {
-            match parse_binding(&self.state, &self.handle, binding, &topic).await {
-                Ok(sub) => {
-                    let mut echoed = binding.clone();
-                    if let Value::Object(map) = &mut echoed {
-                        map.insert("id".into(), json!(sub.binding_id));
-                    }
-                    response.push(echoed);
-                    subscriptions.push(Arc::new(sub));
-                }
+        let (subscriptions, response) =
+            match subscribe::subscribe(&self.state, &self.handle, &topic, &bindings, &claims).await {
+                Ok(result) => result,
                 Err(reason) => return self.reply_error(&frame, reason).await,
-            }
-        }
-        if let Ok(mut index) = self.state.index.write() {
-            for sub in &subscriptions {
-                index.insert(sub.clone());
-            }
-        }
+            };
+        self.state.index_insert(&subscriptions);
         let expires_at = Instant::now() + Duration::from_secs(claims.seconds_left());
         tracing::info!(
             session = self.handle.id,
@@ -379,7 +384,15 @@ impl Session {
         let has_changes = !subscriptions.is_empty();
         self.channels.insert(
             frame.topic.clone(),
-            JoinedChannel { join_ref: frame.join_ref.clone(), subscriptions, claims, expires_at },
+            JoinedChannel {
+                join_ref: frame.join_ref.clone(),
+                bindings,
+                subscriptions,
+                claims,
+                expires_at,
+                private,
+                access,
+            },
         );
         metrics::gauge!("pgcast_channels").increment(1.0);
         self.reply(&frame, "ok", json!({ "postgres_changes": response })).await?;
@@ -405,11 +418,7 @@ impl Session {
 
     fn leave(&mut self, topic: &str) {
         let Some(channel) = self.channels.remove(topic) else { return };
-        if let Ok(mut index) = self.state.index.write() {
-            for sub in &channel.subscriptions {
-                index.remove(sub);
-            }
-        }
+        self.state.index_remove(&channel.subscriptions);
         metrics::gauge!("pgcast_channels").decrement(1.0);
         tracing::info!(session = self.handle.id, topic, "left");
     }
@@ -436,6 +445,8 @@ impl Session {
         self.send_text(phoenix::encode(vsn, join_ref.as_deref(), None, topic, "phx_close", &json!({}))).await
     }
 
+    /// `access_token`: the channel continues under the new token. Its subscriptions are bound
+    /// again with the new claims, so a changed `sub`, role or tenant takes effect at once.
     async fn refresh_token(&mut self, frame: Frame) -> Result<(), axum::Error> {
         let Some(token) = frame.payload.get("access_token").and_then(Value::as_str) else {
             return self.reply_error(&frame, "access_token payload needs an access_token string").await;
@@ -447,13 +458,27 @@ impl Session {
                 return self.close_channel(&frame.topic, format!("invalid access_token: {e}")).await;
             }
         };
-        let Some(channel) = self.channels.get_mut(&frame.topic) else { return Ok(()) };
-        if !channel.subscriptions.is_empty() && claims.role != SERVICE_ROLE {
-            let message = format!("role {:?} may not receive postgres_changes", claims.role);
+        let Some(channel) = self.channels.get(&frame.topic) else { return Ok(()) };
+        let access = self.state.policy.channel_access(channel_name(&frame.topic), channel.private, &claims);
+        if !access.admits(!channel.bindings.is_empty()) {
+            let message =
+                format!("role {:?} may not stay on channel {:?}", claims.role, channel_name(&frame.topic));
             return self.close_channel(&frame.topic, message).await;
         }
+        let topic: Arc<str> = Arc::from(frame.topic.as_str());
+        let bindings = channel.bindings.clone();
+        let subscriptions =
+            match subscribe::subscribe(&self.state, &self.handle, &topic, &bindings, &claims).await {
+                Ok((subscriptions, _)) => subscriptions,
+                Err(reason) => return self.close_channel(&frame.topic, reason).await,
+            };
+        let Some(channel) = self.channels.get_mut(&frame.topic) else { return Ok(()) };
+        self.state.index_remove(&channel.subscriptions);
+        self.state.index_insert(&subscriptions);
+        channel.subscriptions = subscriptions;
         channel.expires_at = Instant::now() + Duration::from_secs(claims.seconds_left());
         channel.claims = claims;
+        channel.access = access;
         tracing::info!(session = self.handle.id, topic = %frame.topic, "token refreshed");
         self.reply(&frame, "ok", json!({})).await
     }
@@ -471,65 +496,6 @@ impl Session {
     }
 }
 
-/// Validates one `{event, schema, table, filter}` binding against the publication.
-async fn parse_binding(
-    state: &AppState,
-    handle: &Arc<SessionHandle>,
-    binding: &Value,
-    topic: &Arc<str>,
-) -> Result<Subscription, String> {
-    let field = |name: &str| binding.get(name).and_then(Value::as_str);
-    let event_text = field("event").ok_or("each postgres_changes binding needs an event")?;
-    let events = EventFilter::parse(event_text)?;
-    let schema = field("schema").unwrap_or("public").to_string();
-    let table = field("table").filter(|t| !t.is_empty() && *t != "*").map(str::to_string);
-    let filter_text = field("filter").filter(|f| !f.is_empty());
-    let catalog = &state.catalog;
-    let filter = match &table {
-        Some(name) => {
-            let published = catalog
-                .published_table(&schema, name)
-                .await
-                .map_err(|e| format!("cannot check table {schema}.{name}: {e}"))?
-                .ok_or_else(|| {
-                    format!(
-                        "table {schema}.{name} is not in publication {:?}: add it with `pgcast tables add {schema}.{name}`",
-                        state.config.publication
-                    )
-                })?;
-            filter_text.map(|f| Filter::parse(f, &published)).transpose()?
-        }
-        None => {
-            if filter_text.is_some() {
-                return Err("a filter needs a table".into());
-            }
-            let any = catalog
-                .schema_has_tables(&schema)
-                .await
-                .map_err(|e| format!("cannot check schema {schema}: {e}"))?;
-            if !any {
-                return Err(format!(
-                    "schema {schema} has no tables in publication {:?}",
-                    state.config.publication
-                ));
-            }
-            None
-        }
-    };
-    let binding_id =
-        binding_id(event_text, &schema, table.as_deref().unwrap_or("*"), filter_text.unwrap_or(""));
-    Ok(Subscription {
-        id: state.next_subscription_id(),
-        session: handle.clone(),
-        topic: topic.clone(),
-        binding_id,
-        schema,
-        table,
-        events,
-        filter,
-    })
-}
-
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -538,20 +504,6 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 /// `realtime:room1` -> `room1`.
-fn channel_name(topic: &str) -> &str {
+pub(crate) fn channel_name(topic: &str) -> &str {
     topic.strip_prefix("realtime:").unwrap_or(topic)
-}
-
-/// A stable id for a binding's parameters, so identical bindings on different connections share
-/// one id (and therefore one serialized message). 31 bits, safe as a JavaScript number.
-fn binding_id(event: &str, schema: &str, table: &str, filter: &str) -> u32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for part in [event, schema, table, filter] {
-        for byte in part.bytes().chain(std::iter::once(0)) {
-            hash ^= byte as u32;
-            hash = hash.wrapping_mul(0x0100_0193);
-        }
-    }
-    // realtime-js treats id 0 as "no id", so never return it.
-    (hash & 0x7fff_ffff).max(1)
 }

@@ -1,0 +1,138 @@
+//! Turning a join's `postgres_changes` bindings into [`Subscription`]s: validated against the
+//! publication, the table's columns and the subscriber's row policy.
+//!
+//! Every refusal is a reason the client can act on. This module decides nothing about delivery.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::auth::{Claims, SERVICE_ROLE};
+use crate::router::filter::{EventFilter, Filter};
+use crate::router::index::Subscription;
+use crate::server::AppState;
+
+use super::SessionHandle;
+
+/// Subscriptions for every binding, and the join reply's `postgres_changes` (each binding echoed
+/// with its server id). All or nothing: the first invalid binding refuses the join.
+pub async fn subscribe(
+    state: &AppState,
+    handle: &Arc<SessionHandle>,
+    topic: &Arc<str>,
+    bindings: &[Value],
+    claims: &Claims,
+) -> Result<(Vec<Arc<Subscription>>, Vec<Value>), String> {
+    let mut subscriptions = Vec::with_capacity(bindings.len());
+    let mut response = Vec::with_capacity(bindings.len());
+    for binding in bindings {
+        let sub = parse_binding(state, handle, binding, topic, claims).await?;
+        let mut echoed = binding.clone();
+        if let Value::Object(map) = &mut echoed {
+            map.insert("id".into(), json!(sub.binding_id));
+        }
+        response.push(echoed);
+        subscriptions.push(Arc::new(sub));
+    }
+    Ok((subscriptions, response))
+}
+
+/// Validates one `{event, schema, table, filter}` binding against the publication.
+async fn parse_binding(
+    state: &AppState,
+    handle: &Arc<SessionHandle>,
+    binding: &Value,
+    topic: &Arc<str>,
+    claims: &Claims,
+) -> Result<Subscription, String> {
+    let field = |name: &str| binding.get(name).and_then(Value::as_str);
+    let event_text = field("event").ok_or("each postgres_changes binding needs an event")?;
+    let events = EventFilter::parse(event_text)?;
+    let schema = field("schema").unwrap_or("public").to_string();
+    let table = field("table").filter(|t| !t.is_empty() && *t != "*").map(str::to_string);
+    let filter_text = field("filter").filter(|f| !f.is_empty());
+    let catalog = &state.catalog;
+    let filter = match &table {
+        Some(name) => {
+            let published = catalog
+                .published_table(&schema, name)
+                .await
+                .map_err(|e| format!("cannot check table {schema}.{name}: {e}"))?
+                .ok_or_else(|| {
+                    format!(
+                        "table {schema}.{name} is not in publication {:?}: add it with `pgcast tables add {schema}.{name}`",
+                        state.config.publication
+                    )
+                })?;
+            filter_text.map(|f| Filter::parse(f, &published)).transpose()?
+        }
+        None => {
+            if claims.role != SERVICE_ROLE {
+                return Err(format!(
+                    "role {:?} must name a table to subscribe to postgres_changes",
+                    claims.role
+                ));
+            }
+            if filter_text.is_some() {
+                return Err("a filter needs a table".into());
+            }
+            let any = catalog
+                .schema_has_tables(&schema)
+                .await
+                .map_err(|e| format!("cannot check schema {schema}: {e}"))?;
+            if !any {
+                return Err(format!(
+                    "schema {schema} has no tables in publication {:?}",
+                    state.config.publication
+                ));
+            }
+            None
+        }
+    };
+    let policy = match &table {
+        Some(name) => state.policy.bind(&schema, name, claims)?,
+        None => None,
+    };
+    if let (Some(policy), Some(filter)) = (&policy, &filter) {
+        if !policy.can_filter_on(&filter.column) {
+            return Err(format!(
+                "filter on column {:?} is not allowed: role {:?} may not see it",
+                filter.column, claims.role
+            ));
+        }
+        if !policy.can_match(filter) {
+            return Err(format!(
+                "filter {:?} can never match a row role {:?} may see",
+                filter_text.unwrap_or_default(),
+                claims.role
+            ));
+        }
+    }
+    let binding_id =
+        binding_id(event_text, &schema, table.as_deref().unwrap_or("*"), filter_text.unwrap_or(""));
+    Ok(Subscription {
+        id: state.next_subscription_id(),
+        session: handle.clone(),
+        topic: topic.clone(),
+        binding_id,
+        schema,
+        table,
+        events,
+        filter,
+        policy,
+    })
+}
+
+/// A stable id for a binding's parameters, so identical bindings on different connections share
+/// one id (and therefore one serialized message). 31 bits, safe as a JavaScript number.
+fn binding_id(event: &str, schema: &str, table: &str, filter: &str) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for part in [event, schema, table, filter] {
+        for byte in part.bytes().chain(std::iter::once(0)) {
+            hash ^= byte as u32;
+            hash = hash.wrapping_mul(0x0100_0193);
+        }
+    }
+    // realtime-js treats id 0 as "no id", so never return it.
+    (hash & 0x7fff_ffff).max(1)
+}
