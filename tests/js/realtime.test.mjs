@@ -2,98 +2,21 @@
 // with both serializers. The server under test is `pgcast demo` (private PostgreSQL + server).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { createHmac } from 'node:crypto';
-import { createServer } from 'node:net';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
-import { RealtimeClient } from '@supabase/realtime-js';
 import WebSocket from 'ws';
-import pg from 'pg';
-
-const BIN = process.env.PGCAST_BIN ?? resolve(import.meta.dirname, '../../target/debug/pgcast');
-const DEADLINE_MS = 15_000;
+import { startDemo, subscribed, waitFor } from './demo.mjs';
 
 let demo;
 let info;
 let db;
-let dataDir;
-
-function freePort() {
-  return new Promise((res, rej) => {
-    const srv = createServer();
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => res(port));
-    });
-    srv.on('error', rej);
-  });
-}
-
-async function waitFor(what, predicate) {
-  const deadline = Date.now() + DEADLINE_MS;
-  while (Date.now() < deadline) {
-    if (predicate()) return;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
-
-function sign(claims, secret) {
-  const b64 = (obj) => Buffer.from(JSON.stringify(obj)).toString('base64url');
-  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
-  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
-}
-
-function subscribed(channel) {
-  return new Promise((res, rej) => {
-    channel.subscribe((status, err) => {
-      if (status === 'SUBSCRIBED') res();
-      else if (status === 'CHANNEL_ERROR' || status === 'TIMED_OUT') rej(err ?? new Error(status));
-    });
-  });
-}
-
-function client(vsn, apikey = info.service_token) {
-  // Node 20 has no global WebSocket: realtime-js documents passing `ws` as the transport.
-  return new RealtimeClient(info.realtime_url, { params: { apikey }, transport: WebSocket, vsn });
-}
+let client;
 
 before(async () => {
-  dataDir = mkdtempSync(join(tmpdir(), 'pgcast-js-'));
-  const pgPort = await freePort();
-  demo = spawn(BIN, ['demo', '--dir', dataDir, '--pg-port', String(pgPort), '--listen', '127.0.0.1:0'], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-    env: { ...process.env, PGCAST_LOG: 'warn' },
-  });
-  info = await new Promise((res, rej) => {
-    const timer = setTimeout(() => rej(new Error('pgcast demo did not start')), 60_000);
-    let buffered = '';
-    demo.stdout.on('data', (chunk) => {
-      buffered += chunk;
-      for (const line of buffered.split('\n')) {
-        if (line.startsWith('{') && line.includes('"demo_ready"')) {
-          clearTimeout(timer);
-          res(JSON.parse(line));
-        }
-      }
-    });
-    demo.on('exit', (code) => rej(new Error(`pgcast demo exited with ${code}`)));
-  });
-  db = new pg.Client({ connectionString: info.database_url });
-  await db.connect();
+  demo = await startDemo();
+  ({ info, db, client } = demo);
 });
 
 after(async () => {
-  await db?.end();
-  if (demo && demo.exitCode === null) {
-    const exited = new Promise((res) => demo.on('exit', (code, signal) => res({ code, signal })));
-    demo.kill('SIGTERM');
-    const { code } = await exited;
-    assert.equal(code, 0, 'pgcast demo shuts down cleanly on SIGTERM');
-  }
-  rmSync(dataDir, { recursive: true, force: true });
+  await demo?.stop();
 });
 
 for (const vsn of ['1.0.0', '2.0.0']) {
@@ -174,7 +97,7 @@ for (const vsn of ['1.0.0', '2.0.0']) {
 }
 
 test('a role without access is refused with a reason, and a bad table too', async () => {
-  const authenticated = sign({ role: 'authenticated', sub: '7', exp: Math.floor(Date.now() / 1000) + 600 }, info.jwt_secret);
+  const authenticated = demo.token({ role: 'authenticated', sub: '7' });
   const rt = client('2.0.0', authenticated);
   const ch = rt.channel('refused').on('postgres_changes', { event: '*', schema: 'public', table: 'appointments' }, () => {});
   await assert.rejects(subscribed(ch), /no policy allows it/);

@@ -9,13 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::auth::{Claims, SERVICE_ROLE};
+use crate::broadcast::BroadcastPayload;
 use crate::capture::format_lsn;
 use crate::protocol::phoenix::Vsn;
 use crate::server::{update_gauges, AppState};
@@ -28,6 +30,9 @@ const WS_READ_BUFFER: usize = 4096;
 pub fn routes(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/realtime/v1/websocket", get(websocket))
+        .route("/realtime/v1/api/broadcast", post(broadcast))
+        .route("/api/broadcast", post(broadcast))
+        .route("/realtime/v1/api/broadcast/{topic}/events/{event}", post(broadcast_one))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -60,6 +65,111 @@ async fn websocket(
             session.run(queue).await;
             drop(guard);
         })
+}
+
+fn http_error(status: StatusCode, message: String) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+/// A `service_role` token from `Authorization: Bearer` or `apikey`, or the response refusing it.
+fn service_claims(state: &AppState, headers: &HeaderMap) -> Result<Claims, Response> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let token = bearer.or_else(|| headers.get("apikey").and_then(|v| v.to_str().ok()));
+    let Some(token) = token else {
+        let message = "missing token: send Authorization: Bearer <service_role JWT>".to_string();
+        return Err(http_error(StatusCode::UNAUTHORIZED, message));
+    };
+    let claims = state
+        .verifier
+        .verify(token)
+        .map_err(|e| http_error(StatusCode::UNAUTHORIZED, format!("invalid token: {e}")))?;
+    if claims.role != SERVICE_ROLE {
+        let message =
+            format!("role {:?} may not broadcast over HTTP; use a {SERVICE_ROLE} token", claims.role);
+        return Err(http_error(StatusCode::FORBIDDEN, message));
+    }
+    Ok(claims)
+}
+
+fn server_broadcast(
+    state: &AppState,
+    claims: &Claims,
+    sub_topic: &str,
+    event: &str,
+    payload: &BroadcastPayload,
+) -> usize {
+    let topic = format!("realtime:{sub_topic}");
+    let delivered = state.hub.broadcast(&topic, None, event, payload);
+    tracing::info!(topic = %topic, role = %claims.role, user = claims.sub.as_deref().unwrap_or(""), delivered, "server broadcast");
+    delivered
+}
+
+/// Server-side broadcast in Supabase's REST shape: `{messages: [{topic, event, payload, private}]}`,
+/// with a `service_role` token as `Authorization: Bearer` or `apikey`.
+async fn broadcast(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let claims = match service_claims(&state, &headers) {
+        Ok(claims) => claims,
+        Err(response) => return response,
+    };
+    let parsed: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(value) => value,
+        Err(e) => return http_error(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")),
+    };
+    let Some(messages) = parsed.get("messages").and_then(|m| m.as_array()) else {
+        let message = "body must be {\"messages\": [{topic, event, payload}]}".to_string();
+        return http_error(StatusCode::BAD_REQUEST, message);
+    };
+    let mut checked = Vec::with_capacity(messages.len());
+    for (i, message) in messages.iter().enumerate() {
+        let topic = message.get("topic").and_then(|t| t.as_str());
+        let event = message.get("event").and_then(|e| e.as_str());
+        let (Some(topic), Some(event)) = (topic, event) else {
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                format!("messages[{i}] needs string topic and event"),
+            );
+        };
+        let payload = BroadcastPayload::Json(message.get("payload").cloned().unwrap_or(json!({})));
+        checked.push((topic, event, payload));
+    }
+    let delivered: usize = checked
+        .iter()
+        .map(|(topic, event, payload)| server_broadcast(&state, &claims, topic, event, payload))
+        .sum();
+    (StatusCode::ACCEPTED, Json(json!({ "messages": checked.len(), "deliveries": delivered })))
+        .into_response()
+}
+
+/// realtime-js `httpSend(event, payload)`: one message, JSON or binary body.
+async fn broadcast_one(
+    State(state): State<Arc<AppState>>,
+    Path((topic, event)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let claims = match service_claims(&state, &headers) {
+        Ok(claims) => claims,
+        Err(response) => return response,
+    };
+    let binary =
+        headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == b"application/octet-stream");
+    let payload = if binary {
+        BroadcastPayload::Binary(body)
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(value) => BroadcastPayload::Json(value),
+            Err(e) => return http_error(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")),
+        }
+    };
+    let delivered = server_broadcast(&state, &claims, &topic, &event, &payload);
+    (StatusCode::ACCEPTED, Json(json!({ "deliveries": delivered }))).into_response()
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {

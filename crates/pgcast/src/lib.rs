@@ -7,12 +7,14 @@
 //! ARCHITECTURE.md for the map and its invariants.
 
 pub mod auth;
+pub mod broadcast;
 pub mod capture;
 pub mod config;
 pub mod db;
 pub mod demo;
 pub mod http;
 pub mod local_postgres;
+pub mod presence;
 pub mod protocol;
 pub mod router;
 pub mod server;

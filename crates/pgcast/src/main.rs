@@ -74,6 +74,9 @@ struct DemoArgs {
     /// Address the server listens on.
     #[arg(long, default_value = "127.0.0.1:4000")]
     listen: String,
+    /// Row policy and channel authorization file [default: examples/policy.toml when present].
+    #[arg(long)]
+    policy: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -183,6 +186,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             database_url: Some(cluster.url()),
             listen: Some(args.listen),
             jwt_secret: Some(secret.clone()),
+            policy: args.policy,
             ..Default::default()
         },
     )

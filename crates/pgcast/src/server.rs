@@ -15,16 +15,22 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
+use axum::extract::ws::Message;
+
 use crate::auth::Verifier;
+use crate::broadcast::Hub;
 use crate::capture::catalog::Catalog;
 use crate::capture::publication::{self, PublicationError};
 use crate::capture::replication::{self, ReplicationSource, ReplicationStatus};
 use crate::capture::{format_lsn, Progress};
 use crate::config::Config;
 use crate::db::{Db, DbError};
+use crate::presence::Presence;
+use crate::protocol::phoenix::{self, Vsn};
 use crate::router::index::Subscription;
 use crate::router::policy::{Policy, PolicyError};
 use crate::router::{self, index::Index};
+use crate::session::Outbound;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 
 /// Transactions buffered between capture and router.
@@ -54,6 +60,8 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     pub index: Arc<RwLock<Index>>,
     pub policy: Arc<Policy>,
+    pub hub: Hub,
+    pub presence: Presence,
     pub replication: Arc<ReplicationStatus>,
     pub progress: Arc<Progress>,
     pub shutdown: Shutdown,
@@ -80,6 +88,22 @@ impl AppState {
         let mut index = self.index.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         for sub in subscriptions {
             index.remove(sub);
+        }
+    }
+
+    /// Queues a `presence_diff` for every reader of `topic`, serialized once per serializer.
+    pub fn deliver_presence_diff(&self, topic: &str, diff: &serde_json::Value) {
+        let mut encoded: [Option<Message>; 2] = [None, None];
+        for session in self.hub.readers(topic) {
+            let slot = usize::from(session.vsn == Vsn::V2);
+            let message = encoded[slot]
+                .get_or_insert_with(|| {
+                    Message::Text(
+                        phoenix::encode(session.vsn, None, None, topic, "presence_diff", diff).into(),
+                    )
+                })
+                .clone();
+            session.deliver(Outbound { message, commit_time_micros: 0 });
         }
     }
 
@@ -174,6 +198,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         catalog: catalog.clone(),
         index: index.clone(),
         policy: Arc::new(policy),
+        hub: Hub::default(),
+        presence: Presence::default(),
         replication: status.clone(),
         progress: progress.clone(),
         shutdown: shutdown.clone(),

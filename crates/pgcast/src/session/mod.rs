@@ -26,6 +26,7 @@ use crate::router::index::Subscription;
 use crate::router::policy::ChannelAccess;
 use crate::server::AppState;
 
+mod messages;
 mod subscribe;
 
 /// Most messages written before one flush.
@@ -99,6 +100,12 @@ struct JoinedChannel {
     expires_at: Instant,
     private: bool,
     access: ChannelAccess,
+    /// `config.broadcast.ack`: broadcasts are acknowledged with a reply.
+    ack: bool,
+    /// `config.presence.key`, or a generated one.
+    presence_key: String,
+    /// Whether `presence_state` was sent (it must precede diffs for the client to apply them).
+    presence_synced: bool,
 }
 
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
@@ -193,8 +200,8 @@ impl Session {
                                 return Ending::Gone;
                             }
                         }
-                        Some(Ok(Message::Binary(_))) => {
-                            if self.send_error_notice("binary frames are not supported on this connection").await.is_err() {
+                        Some(Ok(Message::Binary(bytes))) => {
+                            if self.handle_binary(&bytes).await.is_err() {
                                 return Ending::Gone;
                             }
                         }
@@ -304,10 +311,8 @@ impl Session {
                 self.send_text(close).await
             }
             "access_token" => self.refresh_token(frame).await,
-            "broadcast" | "presence" => {
-                let reason = format!("{} is not supported by this server yet", frame.event);
-                self.reply_error(&frame, reason).await
-            }
+            "broadcast" => self.broadcast(frame).await,
+            "presence" => self.presence(frame).await,
             other => {
                 let reason = format!("unknown event {other:?}");
                 self.reply_error(&frame, reason).await
@@ -372,6 +377,18 @@ impl Session {
                 Err(reason) => return self.reply_error(&frame, reason).await,
             };
         self.state.index_insert(&subscriptions);
+        let config = |pointer: &str| frame.payload.pointer(pointer);
+        let receive_own = config("/config/broadcast/self").and_then(Value::as_bool).unwrap_or(false);
+        let ack = config("/config/broadcast/ack").and_then(Value::as_bool).unwrap_or(false);
+        let presence_enabled = config("/config/presence/enabled").and_then(Value::as_bool).unwrap_or(false);
+        let presence_key = match config("/config/presence/key").and_then(Value::as_str) {
+            Some(key) if !key.is_empty() => key.to_string(),
+            _ => crate::demo::random_secret(),
+        };
+        self.state.hub.join(
+            &topic,
+            crate::broadcast::Member { session: self.handle.clone(), can_read: access.read, receive_own },
+        );
         let expires_at = Instant::now() + Duration::from_secs(claims.seconds_left());
         tracing::info!(
             session = self.handle.id,
@@ -392,6 +409,9 @@ impl Session {
                 expires_at,
                 private,
                 access,
+                ack,
+                presence_key,
+                presence_synced: false,
             },
         );
         metrics::gauge!("pgcast_channels").increment(1.0);
@@ -413,12 +433,19 @@ impl Session {
             );
             self.send_text(text).await?;
         }
+        if presence_enabled {
+            self.sync_presence(&frame.topic).await?;
+        }
         Ok(())
     }
 
     fn leave(&mut self, topic: &str) {
         let Some(channel) = self.channels.remove(topic) else { return };
         self.state.index_remove(&channel.subscriptions);
+        self.state.hub.leave(topic, self.handle.id);
+        if let Some(diff) = self.state.presence.untrack(topic, self.handle.id) {
+            self.state.deliver_presence_diff(topic, &diff);
+        }
         metrics::gauge!("pgcast_channels").decrement(1.0);
         tracing::info!(session = self.handle.id, topic, "left");
     }
@@ -479,6 +506,11 @@ impl Session {
         channel.expires_at = Instant::now() + Duration::from_secs(claims.seconds_left());
         channel.claims = claims;
         channel.access = access;
+        let receive_own = self.state.hub.receives_own(&frame.topic, self.handle.id);
+        self.state.hub.join(
+            &topic,
+            crate::broadcast::Member { session: self.handle.clone(), can_read: access.read, receive_own },
+        );
         tracing::info!(session = self.handle.id, topic = %frame.topic, "token refreshed");
         self.reply(&frame, "ok", json!({})).await
     }

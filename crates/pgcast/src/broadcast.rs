@@ -1,0 +1,251 @@
+//! Channel membership and client-to-channel broadcast (Supabase Realtime's `broadcast`).
+//!
+//! The [`Hub`] knows, per topic, which sessions joined and whether they may receive; a
+//! broadcast is serialized once per serializer and the shared bytes go to every receiving
+//! member's bounded queue (vsn 2.0.0 members get realtime-js's binary user-broadcast frame).
+//! Presence state lives in `presence`; postgres_changes never pass through here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::capture::value::write_json_string;
+use crate::protocol::phoenix::{self, Vsn};
+use crate::session::{Outbound, SessionHandle};
+
+/// A member's standing on one topic.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub session: Arc<SessionHandle>,
+    /// May receive broadcasts and presence.
+    pub can_read: bool,
+    /// `config.broadcast.self`: receives its own broadcasts.
+    pub receive_own: bool,
+}
+
+/// A broadcast's user payload as it arrived: JSON, or bytes from a binary frame.
+#[derive(Debug, Clone)]
+pub enum BroadcastPayload {
+    Json(Value),
+    Binary(Bytes),
+}
+
+/// Topic -> members.
+#[derive(Default)]
+pub struct Hub {
+    topics: RwLock<HashMap<Arc<str>, HashMap<u64, Member>>>,
+}
+
+/// realtime-js binary frame kinds (lib/serializer.js).
+pub const KIND_USER_BROADCAST_PUSH: u8 = 3;
+pub const KIND_USER_BROADCAST: u8 = 4;
+const ENCODING_BINARY: u8 = 0;
+const ENCODING_JSON: u8 = 1;
+
+impl Hub {
+    pub fn join(&self, topic: &Arc<str>, member: Member) {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        topics.entry(topic.clone()).or_default().insert(member.session.id, member);
+    }
+
+    pub fn leave(&self, topic: &str, session: u64) {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(members) = topics.get_mut(topic) {
+            members.remove(&session);
+            if members.is_empty() {
+                topics.remove(topic);
+            }
+        }
+    }
+
+    /// Whether the member asked for its own broadcasts (`config.broadcast.self`).
+    pub fn receives_own(&self, topic: &str, session: u64) -> bool {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        topics.get(topic).and_then(|m| m.get(&session)).is_some_and(|m| m.receive_own)
+    }
+
+    /// Members allowed to read `topic`, for presence delivery.
+    pub fn readers(&self, topic: &str) -> Vec<Arc<SessionHandle>> {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        topics
+            .get(topic)
+            .map(|members| members.values().filter(|m| m.can_read).map(|m| m.session.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Sends a broadcast to every reader of `topic` (the sender only if it asked for its own).
+    /// Returns how many connections it was queued for.
+    pub fn broadcast(
+        &self,
+        topic: &str,
+        sender: Option<u64>,
+        event: &str,
+        payload: &BroadcastPayload,
+    ) -> usize {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        let Some(members) = topics.get(topic) else { return 0 };
+        let mut encoded: [Option<Message>; 2] = [None, None];
+        let mut delivered = 0;
+        for member in members.values() {
+            if !member.can_read || (Some(member.session.id) == sender && !member.receive_own) {
+                continue;
+            }
+            let slot = match member.session.vsn {
+                Vsn::V1 => 0,
+                Vsn::V2 => 1,
+            };
+            let message = match &encoded[slot] {
+                Some(message) => message.clone(),
+                None => {
+                    let Some(message) = encode_broadcast(member.session.vsn, topic, event, payload) else {
+                        // Binary payloads cannot be carried by the JSON-object serializer.
+                        continue;
+                    };
+                    encoded[slot] = Some(message.clone());
+                    message
+                }
+            };
+            if member.session.deliver(Outbound { message, commit_time_micros: 0 }) {
+                delivered += 1;
+            }
+        }
+        metrics::counter!("pgcast_broadcasts_total").increment(1);
+        metrics::counter!("pgcast_broadcast_deliveries_total").increment(delivered as u64);
+        delivered
+    }
+}
+
+/// The frame a member receives: JSON `broadcast` for vsn 1.0.0, the binary user-broadcast frame
+/// for vsn 2.0.0 (JSON when the topic or event is too long for its one-byte lengths).
+pub fn encode_broadcast(vsn: Vsn, topic: &str, event: &str, payload: &BroadcastPayload) -> Option<Message> {
+    if vsn == Vsn::V2 && topic.len() <= 255 && event.len() <= 255 {
+        let (encoding, body): (u8, Bytes) = match payload {
+            BroadcastPayload::Json(value) => (ENCODING_JSON, Bytes::from(value.to_string())),
+            BroadcastPayload::Binary(bytes) => (ENCODING_BINARY, bytes.clone()),
+        };
+        let mut frame = Vec::with_capacity(5 + topic.len() + event.len() + body.len());
+        frame.extend([KIND_USER_BROADCAST, topic.len() as u8, event.len() as u8, 0, encoding]);
+        frame.extend(topic.as_bytes());
+        frame.extend(event.as_bytes());
+        frame.extend(&body);
+        return Some(Message::Binary(frame.into()));
+    }
+    let BroadcastPayload::Json(value) = payload else { return None };
+    let mut body = String::from("{\"type\":\"broadcast\",\"event\":");
+    write_json_string(event, &mut body);
+    body.push_str(",\"payload\":");
+    body.push_str(&value.to_string());
+    body.push('}');
+    let text: Utf8Bytes = phoenix::encode_raw(vsn, None, None, topic, "broadcast", &body).into();
+    Some(Message::Text(text))
+}
+
+/// A client's binary user-broadcast push (kind 3).
+#[derive(Debug, PartialEq)]
+pub struct BinaryPush {
+    pub join_ref: Option<String>,
+    pub msg_ref: Option<String>,
+    pub topic: String,
+    pub event: String,
+    pub payload: BroadcastPayload,
+}
+
+impl PartialEq for BroadcastPayload {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (BroadcastPayload::Json(a), BroadcastPayload::Json(b)) => a == b,
+            (BroadcastPayload::Binary(a), BroadcastPayload::Binary(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// Decodes `[3, join_ref_len, ref_len, topic_len, event_len, meta_len, encoding, ...]`.
+pub fn decode_binary_push(frame: &[u8]) -> Result<BinaryPush, String> {
+    let header = frame.get(..7).ok_or("binary frame shorter than its 7-byte header")?;
+    if header[0] != KIND_USER_BROADCAST_PUSH {
+        return Err(format!("unsupported binary frame kind {}", header[0]));
+    }
+    let lengths = [header[1], header[2], header[3], header[4], header[5]].map(usize::from);
+    let mut offset = 7;
+    let mut fields = Vec::with_capacity(5);
+    for len in lengths {
+        let bytes = frame.get(offset..offset + len).ok_or("binary frame truncated")?;
+        fields.push(std::str::from_utf8(bytes).map_err(|_| "binary frame field is not UTF-8")?.to_string());
+        offset += len;
+    }
+    let body = &frame[offset..];
+    let payload = match header[6] {
+        ENCODING_BINARY => BroadcastPayload::Binary(Bytes::copy_from_slice(body)),
+        ENCODING_JSON => BroadcastPayload::Json(
+            serde_json::from_slice(body).map_err(|e| format!("binary frame JSON payload: {e}"))?,
+        ),
+        other => return Err(format!("unknown payload encoding {other}")),
+    };
+    let non_empty = |s: &String| (!s.is_empty()).then(|| s.clone());
+    Ok(BinaryPush {
+        join_ref: non_empty(&fields[0]),
+        msg_ref: non_empty(&fields[1]),
+        topic: fields[2].clone(),
+        event: fields[3].clone(),
+        payload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn push(payload_encoding: u8, body: &[u8]) -> Vec<u8> {
+        let (join_ref, msg_ref, topic, event) = ("1", "2", "realtime:room", "cursor");
+        let mut frame = vec![3, 1, 1, topic.len() as u8, event.len() as u8, 0, payload_encoding];
+        frame.extend(join_ref.bytes().chain(msg_ref.bytes()).chain(topic.bytes()).chain(event.bytes()));
+        frame.extend(body);
+        frame
+    }
+
+    #[test]
+    fn binary_pushes_decode_with_json_or_binary_payloads() {
+        let decoded = decode_binary_push(&push(1, br#"{"x":1}"#)).unwrap();
+        assert_eq!(decoded.topic, "realtime:room");
+        assert_eq!(decoded.event, "cursor");
+        assert_eq!(decoded.msg_ref.as_deref(), Some("2"));
+        assert_eq!(decoded.payload, BroadcastPayload::Json(json!({"x": 1})));
+        let decoded = decode_binary_push(&push(0, &[0, 159, 146])).unwrap();
+        assert_eq!(decoded.payload, BroadcastPayload::Binary(Bytes::from_static(&[0, 159, 146])));
+    }
+
+    #[test]
+    fn malformed_binary_pushes_are_errors() {
+        assert!(decode_binary_push(&[3, 1]).is_err());
+        assert!(decode_binary_push(&[9, 0, 0, 0, 0, 0, 1]).unwrap_err().contains("kind 9"));
+        assert!(decode_binary_push(&[3, 200, 0, 0, 0, 0, 1]).unwrap_err().contains("truncated"));
+        assert!(decode_binary_push(&push(1, b"{nope")).is_err());
+        assert!(decode_binary_push(&push(7, b"")).unwrap_err().contains("encoding 7"));
+    }
+
+    #[test]
+    fn v2_members_get_the_binary_user_broadcast_frame() {
+        let Some(Message::Binary(frame)) =
+            encode_broadcast(Vsn::V2, "realtime:r", "ev", &BroadcastPayload::Json(json!({"a": 1})))
+        else {
+            panic!("binary frame expected")
+        };
+        assert_eq!(&frame[..5], &[4, 10, 2, 0, 1]);
+        assert_eq!(&frame[5..15], b"realtime:r");
+        assert_eq!(&frame[15..17], b"ev");
+        assert_eq!(&frame[17..], br#"{"a":1}"#);
+        let Some(Message::Text(text)) =
+            encode_broadcast(Vsn::V1, "realtime:r", "ev", &BroadcastPayload::Json(json!({"a": 1})))
+        else {
+            panic!("text frame expected")
+        };
+        let v: Value = serde_json::from_str(text.as_str()).unwrap();
+        assert_eq!(v["payload"], json!({"type": "broadcast", "event": "ev", "payload": {"a": 1}}));
+        assert!(encode_broadcast(Vsn::V1, "t", "e", &BroadcastPayload::Binary(Bytes::new())).is_none());
+    }
+}
