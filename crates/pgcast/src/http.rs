@@ -72,7 +72,7 @@ fn http_error(status: StatusCode, message: String) -> Response {
 }
 
 /// A `service_role` token from `Authorization: Bearer` or `apikey`, or the response refusing it.
-fn service_claims(state: &AppState, headers: &HeaderMap) -> Result<Claims, Response> {
+fn service_claims(state: &AppState, headers: &HeaderMap) -> Result<Claims, (StatusCode, String)> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -80,16 +80,16 @@ fn service_claims(state: &AppState, headers: &HeaderMap) -> Result<Claims, Respo
     let token = bearer.or_else(|| headers.get("apikey").and_then(|v| v.to_str().ok()));
     let Some(token) = token else {
         let message = "missing token: send Authorization: Bearer <service_role JWT>".to_string();
-        return Err(http_error(StatusCode::UNAUTHORIZED, message));
+        return Err((StatusCode::UNAUTHORIZED, message));
     };
     let claims = state
         .verifier
         .verify(token)
-        .map_err(|e| http_error(StatusCode::UNAUTHORIZED, format!("invalid token: {e}")))?;
+        .map_err(|e| (StatusCode::UNAUTHORIZED, format!("invalid token: {e}")))?;
     if claims.role != SERVICE_ROLE {
         let message =
             format!("role {:?} may not broadcast over HTTP; use a {SERVICE_ROLE} token", claims.role);
-        return Err(http_error(StatusCode::FORBIDDEN, message));
+        return Err((StatusCode::FORBIDDEN, message));
     }
     Ok(claims)
 }
@@ -116,7 +116,7 @@ async fn broadcast(
 ) -> Response {
     let claims = match service_claims(&state, &headers) {
         Ok(claims) => claims,
-        Err(response) => return response,
+        Err((status, message)) => return http_error(status, message),
     };
     let parsed: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(value) => value,
@@ -156,7 +156,7 @@ async fn broadcast_one(
 ) -> Response {
     let claims = match service_claims(&state, &headers) {
         Ok(claims) => claims,
-        Err(response) => return response,
+        Err((status, message)) => return http_error(status, message),
     };
     let binary =
         headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == b"application/octet-stream");
