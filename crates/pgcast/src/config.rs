@@ -54,6 +54,7 @@ struct FileConfig {
     publication: Option<String>,
     slot: Option<String>,
     policy: Option<PathBuf>,
+    audit_app_roles: Option<Vec<String>>,
     outbound_queue: Option<usize>,
     heartbeat_timeout_secs: Option<u64>,
     max_message_bytes: Option<usize>,
@@ -70,6 +71,8 @@ pub struct Config {
     /// The row policy and channel authorization file; `None` means default deny (only
     /// `service_role` receives changes).
     pub policy: Option<PathBuf>,
+    /// Database roles of the application that may read and append to `pgcast.audit_log`.
+    pub audit_app_roles: Vec<String>,
     /// Messages a connection may have queued before it is cut off as too slow.
     pub outbound_queue: usize,
     /// A client that sends nothing (not even a heartbeat) for this long is disconnected.
@@ -167,6 +170,7 @@ impl Config {
             publication,
             slot,
             policy,
+            audit_app_roles: from_file.audit_app_roles.unwrap_or_default(),
             outbound_queue,
             heartbeat_timeout: Duration::from_secs(heartbeat_secs),
             max_message_bytes,

@@ -16,6 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::audit::{Action, AuditEvent};
 use crate::auth::{Claims, SERVICE_ROLE};
 use crate::broadcast::BroadcastPayload;
 use crate::capture::format_lsn;
@@ -97,13 +98,16 @@ fn service_claims(state: &AppState, headers: &HeaderMap) -> Result<Claims, (Stat
 fn server_broadcast(
     state: &AppState,
     claims: &Claims,
+    peer: Option<SocketAddr>,
     sub_topic: &str,
     event: &str,
     payload: &BroadcastPayload,
 ) -> usize {
     let topic = format!("realtime:{sub_topic}");
     let delivered = state.hub.broadcast(&topic, None, event, payload);
-    tracing::info!(topic = %topic, role = %claims.role, user = claims.sub.as_deref().unwrap_or(""), delivered, "server broadcast");
+    state
+        .audit
+        .record(AuditEvent::new(Action::ServerBroadcast).claims(Some(claims)).channel(&topic).peer(peer));
     delivered
 }
 
@@ -111,6 +115,7 @@ fn server_broadcast(
 /// with a `service_role` token as `Authorization: Bearer` or `apikey`.
 async fn broadcast(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
@@ -141,7 +146,7 @@ async fn broadcast(
     }
     let delivered: usize = checked
         .iter()
-        .map(|(topic, event, payload)| server_broadcast(&state, &claims, topic, event, payload))
+        .map(|(topic, event, payload)| server_broadcast(&state, &claims, Some(peer), topic, event, payload))
         .sum();
     (StatusCode::ACCEPTED, Json(json!({ "messages": checked.len(), "deliveries": delivered })))
         .into_response()
@@ -150,6 +155,7 @@ async fn broadcast(
 /// realtime-js `httpSend(event, payload)`: one message, JSON or binary body.
 async fn broadcast_one(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((topic, event)): Path<(String, String)>,
     headers: HeaderMap,
     body: axum::body::Bytes,
@@ -168,7 +174,7 @@ async fn broadcast_one(
             Err(e) => return http_error(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")),
         }
     };
-    let delivered = server_broadcast(&state, &claims, &topic, &event, &payload);
+    let delivered = server_broadcast(&state, &claims, Some(peer), &topic, &event, &payload);
     (StatusCode::ACCEPTED, Json(json!({ "deliveries": delivered }))).into_response()
 }
 

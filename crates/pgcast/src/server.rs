@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use axum::extract::ws::Message;
 
+use crate::audit::AuditLog;
 use crate::auth::Verifier;
 use crate::broadcast::Hub;
 use crate::capture::catalog::Catalog;
@@ -62,6 +63,7 @@ pub struct AppState {
     pub policy: Arc<Policy>,
     pub hub: Hub,
     pub presence: Presence,
+    pub audit: AuditLog,
     pub replication: Arc<ReplicationStatus>,
     pub progress: Arc<Progress>,
     pub shutdown: Shutdown,
@@ -139,6 +141,9 @@ pub struct RunningServer {
     replication: JoinHandle<u64>,
     router: JoinHandle<()>,
     upkeep: JoinHandle<()>,
+    /// Fired last, after sessions recorded their leaves, so the audit writer flushes them.
+    audit_trigger: ShutdownTrigger,
+    audit_writer: JoinHandle<()>,
 }
 
 /// The process-wide Prometheus recorder (installed once; tests start several servers).
@@ -183,6 +188,10 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             );
         }
     }
+    crate::audit::ensure_table(&db, &config.audit_app_roles).await?;
+    let (audit, audit_events) = AuditLog::new();
+    let (audit_trigger, audit_shutdown) = shutdown::channel();
+    let audit_writer = tokio::spawn(crate::audit::run_writer(audit_events, db.clone(), audit_shutdown));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
@@ -200,6 +209,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         policy: Arc::new(policy),
         hub: Hub::default(),
         presence: Presence::default(),
+        audit,
         replication: status.clone(),
         progress: progress.clone(),
         shutdown: shutdown.clone(),
@@ -232,7 +242,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     });
     let upkeep = tokio::spawn(upkeep(state.clone(), shutdown));
     tracing::info!(listen = %addr, "pgcast listening");
-    Ok(RunningServer { addr, state, trigger, http, replication, router, upkeep })
+    Ok(RunningServer { addr, state, trigger, http, replication, router, upkeep, audit_trigger, audit_writer })
 }
 
 /// Keeps gauges fresh and runs the exporter's upkeep.
@@ -283,6 +293,8 @@ impl RunningServer {
         // The replication task dropped its sender: the router drains what it has and stops.
         let _ = self.router.await;
         let _ = self.upkeep.await;
+        self.audit_trigger.trigger();
+        let _ = self.audit_writer.await;
         let handled = self.state.progress.handled();
         if handled > 0 {
             confirm_with_retry(&self.state, handled).await;

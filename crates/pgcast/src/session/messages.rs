@@ -5,6 +5,7 @@
 use serde_json::{json, Value};
 
 use super::{channel_name, Session};
+use crate::audit::{Action, AuditEvent};
 use crate::broadcast::{decode_binary_push, BroadcastPayload};
 use crate::protocol::phoenix::{self, Frame};
 
@@ -74,7 +75,10 @@ impl Session {
                 self.sync_presence(&frame.topic).await?;
                 let diff = self.state.presence.track(&frame.topic, self.handle.id, &key, meta);
                 self.state.deliver_presence_diff(&frame.topic, &diff);
-                tracing::info!(session = self.handle.id, topic = %frame.topic, "presence tracked");
+                let claims = self.channels.get(&frame.topic).map(|c| c.claims.clone());
+                self.audit(
+                    AuditEvent::new(Action::PresenceTrack).claims(claims.as_ref()).channel(&frame.topic),
+                );
                 self.reply(&frame, "ok", json!({})).await
             }
             Some("untrack") => {

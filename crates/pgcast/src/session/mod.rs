@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
+use crate::audit::{Action, AuditEvent};
 use crate::auth::{AuthError, Claims};
 use crate::protocol::phoenix::{self, Frame, Vsn};
 use crate::router::index::Subscription;
@@ -148,6 +149,8 @@ impl Session {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Outbound>) {
         metrics::gauge!("pgcast_connections").increment(1.0);
         tracing::info!(session = self.handle.id, peer = %self.peer, "client connected");
+        let claims = self.apikey.as_deref().and_then(|key| self.state.verifier.verify(key).ok());
+        self.audit(AuditEvent::new(Action::Connect).claims(claims.as_ref()));
         let ending = self.serve(&mut rx).await;
         self.leave_all();
         if let Ending::Close(code, reason) = &ending {
@@ -343,13 +346,17 @@ impl Session {
             Ok(claims) => claims,
             Err(reason) => {
                 metrics::counter!("pgcast_auth_failures_total").increment(1);
+                self.audit(AuditEvent::new(Action::AuthFailure).channel(&frame.topic).detail(reason.clone()));
                 return self.reply_error(&frame, reason).await;
             }
         };
         let bindings = match frame.payload.pointer("/config/postgres_changes") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(items)) => items.clone(),
-            Some(_) => return self.reply_error(&frame, "config.postgres_changes must be an array").await,
+            Some(_) => {
+                let reason = "config.postgres_changes must be an array";
+                return self.refuse_join(&frame, &claims, reason.into()).await;
+            }
         };
         let private = frame.payload.pointer("/config/private").and_then(Value::as_bool).unwrap_or(false);
         let access = self.state.policy.channel_access(channel_name(&frame.topic), private, &claims);
@@ -374,7 +381,7 @@ impl Session {
         let (subscriptions, response) =
             match subscribe::subscribe(&self.state, &self.handle, &topic, &bindings, &claims).await {
                 Ok(result) => result,
-                Err(reason) => return self.reply_error(&frame, reason).await,
+                Err(reason) => return self.refuse_join(&frame, &claims, reason).await,
             };
         self.state.index_insert(&subscriptions);
         let config = |pointer: &str| frame.payload.pointer(pointer);
@@ -398,6 +405,7 @@ impl Session {
             bindings = subscriptions.len(),
             "joined"
         );
+        self.audit(AuditEvent::new(Action::Join).claims(Some(&claims)).channel(&frame.topic));
         let has_changes = !subscriptions.is_empty();
         self.channels.insert(
             frame.topic.clone(),
@@ -439,8 +447,30 @@ impl Session {
         Ok(())
     }
 
+    async fn refuse_join(
+        &mut self,
+        frame: &Frame,
+        claims: &Claims,
+        reason: String,
+    ) -> Result<(), axum::Error> {
+        metrics::counter!("pgcast_joins_refused_total").increment(1);
+        self.audit(
+            AuditEvent::new(Action::JoinRefused)
+                .claims(Some(claims))
+                .channel(&frame.topic)
+                .detail(reason.clone()),
+        );
+        self.reply_error(frame, reason).await
+    }
+
+    /// Records an audit event with this connection's address.
+    fn audit(&self, event: AuditEvent) {
+        self.state.audit.record(event.peer(Some(self.peer)));
+    }
+
     fn leave(&mut self, topic: &str) {
         let Some(channel) = self.channels.remove(topic) else { return };
+        self.audit(AuditEvent::new(Action::Leave).claims(Some(&channel.claims)).channel(topic));
         self.state.index_remove(&channel.subscriptions);
         self.state.hub.leave(topic, self.handle.id);
         if let Some(diff) = self.state.presence.untrack(topic, self.handle.id) {
@@ -482,7 +512,9 @@ impl Session {
             Ok(claims) => claims,
             Err(e) => {
                 metrics::counter!("pgcast_auth_failures_total").increment(1);
-                return self.close_channel(&frame.topic, format!("invalid access_token: {e}")).await;
+                let reason = format!("invalid access_token: {e}");
+                self.audit(AuditEvent::new(Action::AuthFailure).channel(&frame.topic).detail(reason.clone()));
+                return self.close_channel(&frame.topic, reason).await;
             }
         };
         let Some(channel) = self.channels.get(&frame.topic) else { return Ok(()) };
@@ -504,6 +536,7 @@ impl Session {
         self.state.index_insert(&subscriptions);
         channel.subscriptions = subscriptions;
         channel.expires_at = Instant::now() + Duration::from_secs(claims.seconds_left());
+        let claims_for_audit = claims.clone();
         channel.claims = claims;
         channel.access = access;
         let receive_own = self.state.hub.receives_own(&frame.topic, self.handle.id);
@@ -511,7 +544,9 @@ impl Session {
             &topic,
             crate::broadcast::Member { session: self.handle.clone(), can_read: access.read, receive_own },
         );
-        tracing::info!(session = self.handle.id, topic = %frame.topic, "token refreshed");
+        self.audit(
+            AuditEvent::new(Action::TokenRefresh).claims(Some(&claims_for_audit)).channel(&frame.topic),
+        );
         self.reply(&frame, "ok", json!({})).await
     }
 

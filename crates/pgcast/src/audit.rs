@@ -1,0 +1,255 @@
+//! The audit trail: who connected, authenticated, joined, was refused, left, refreshed a token,
+//! tracked presence or broadcast from the server, when and from where.
+//!
+//! [`AuditLog::record`] never waits: it emits a JSON log line (target `audit`) and queues the
+//! event for the writer, which inserts batches into `pgcast.audit_log` off the hot path. The
+//! table is created by pgcast and made append-only (triggers refuse UPDATE, DELETE and
+//! TRUNCATE; application roles get SELECT and INSERT only). Events carry ids, never row
+//! contents or tokens.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+
+use crate::auth::Claims;
+use crate::capture::publication::quote_ident;
+use crate::db::{Db, DbError};
+use crate::shutdown::Shutdown;
+
+/// Events queued for the writer; beyond this they are dropped (and counted), never waited for.
+const QUEUE: usize = 10_000;
+/// Rows per INSERT.
+const BATCH: usize = 500;
+/// Events kept while the database is unreachable; the oldest are dropped past this.
+const BACKLOG: usize = 50_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Connect,
+    AuthFailure,
+    Join,
+    JoinRefused,
+    Leave,
+    TokenRefresh,
+    PresenceTrack,
+    ServerBroadcast,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Connect => "connect",
+            Action::AuthFailure => "auth_failure",
+            Action::Join => "join",
+            Action::JoinRefused => "join_refused",
+            Action::Leave => "leave",
+            Action::TokenRefresh => "token_refresh",
+            Action::PresenceTrack => "presence_track",
+            Action::ServerBroadcast => "server_broadcast",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    pub at: SystemTime,
+    pub action: Action,
+    pub user_id: Option<String>,
+    pub role: Option<String>,
+    pub tenant: Option<String>,
+    pub channel: Option<String>,
+    pub client_addr: Option<String>,
+    /// A reason (for refusals and failures); never row contents or tokens.
+    pub detail: Option<String>,
+}
+
+impl AuditEvent {
+    pub fn new(action: Action) -> AuditEvent {
+        AuditEvent {
+            at: SystemTime::now(),
+            action,
+            user_id: None,
+            role: None,
+            tenant: None,
+            channel: None,
+            client_addr: None,
+            detail: None,
+        }
+    }
+
+    pub fn claims(mut self, claims: Option<&Claims>) -> AuditEvent {
+        if let Some(claims) = claims {
+            self.user_id = claims.sub.clone();
+            self.role = Some(claims.role.clone());
+            self.tenant = claims.all.get("tenant_id").map(|t| match t {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            });
+        }
+        self
+    }
+
+    pub fn channel(mut self, topic: &str) -> AuditEvent {
+        self.channel = Some(topic.to_string());
+        self
+    }
+
+    pub fn peer(mut self, peer: Option<SocketAddr>) -> AuditEvent {
+        self.client_addr = peer.map(|p| p.ip().to_string());
+        self
+    }
+
+    pub fn detail(mut self, detail: impl Into<String>) -> AuditEvent {
+        self.detail = Some(detail.into());
+        self
+    }
+}
+
+/// The handle sessions and handlers record through.
+#[derive(Clone)]
+pub struct AuditLog {
+    queue: mpsc::Sender<AuditEvent>,
+}
+
+impl AuditLog {
+    pub fn new() -> (AuditLog, mpsc::Receiver<AuditEvent>) {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        (AuditLog { queue }, rx)
+    }
+
+    /// Logs the event as a JSON line and queues it for the table; never blocks.
+    pub fn record(&self, event: AuditEvent) {
+        tracing::info!(
+            target: "audit",
+            action = event.action.as_str(),
+            user = event.user_id.as_deref().unwrap_or(""),
+            role = event.role.as_deref().unwrap_or(""),
+            tenant = event.tenant.as_deref().unwrap_or(""),
+            channel = event.channel.as_deref().unwrap_or(""),
+            client = event.client_addr.as_deref().unwrap_or(""),
+            detail = event.detail.as_deref().unwrap_or(""),
+            "audit"
+        );
+        if self.queue.try_send(event).is_err() {
+            metrics::counter!("pgcast_audit_dropped_total").increment(1);
+        }
+    }
+}
+
+/// Creates `pgcast.audit_log` if missing, append-only, readable and appendable by `app_roles`.
+pub async fn ensure_table(db: &Db, app_roles: &[String]) -> Result<(), DbError> {
+    let client = db.client().await?;
+    client
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS pgcast;
+             CREATE TABLE IF NOT EXISTS pgcast.audit_log (
+                 id bigserial PRIMARY KEY,
+                 at timestamptz NOT NULL,
+                 action text NOT NULL,
+                 user_id text,
+                 role text,
+                 tenant text,
+                 channel text,
+                 client_addr text,
+                 detail text
+             );
+             CREATE INDEX IF NOT EXISTS audit_log_at ON pgcast.audit_log (at);
+             CREATE OR REPLACE FUNCTION pgcast.audit_log_is_append_only() RETURNS trigger
+                 LANGUAGE plpgsql AS $$
+                 BEGIN RAISE EXCEPTION 'pgcast.audit_log is append-only: % is not allowed', TG_OP; END $$;
+             CREATE OR REPLACE TRIGGER audit_log_no_update_or_delete
+                 BEFORE UPDATE OR DELETE ON pgcast.audit_log
+                 FOR EACH ROW EXECUTE FUNCTION pgcast.audit_log_is_append_only();
+             CREATE OR REPLACE TRIGGER audit_log_no_truncate
+                 BEFORE TRUNCATE ON pgcast.audit_log
+                 FOR EACH STATEMENT EXECUTE FUNCTION pgcast.audit_log_is_append_only();
+             REVOKE ALL ON pgcast.audit_log FROM PUBLIC;",
+        )
+        .await?;
+    for role in app_roles {
+        let role = quote_ident(role);
+        client
+            .batch_execute(&format!(
+                "GRANT USAGE ON SCHEMA pgcast TO {role};
+                 REVOKE ALL ON pgcast.audit_log FROM {role};
+                 GRANT SELECT, INSERT ON pgcast.audit_log TO {role};
+                 GRANT USAGE ON SEQUENCE pgcast.audit_log_id_seq TO {role};"
+            ))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Writes queued events in batches until shutdown, then flushes what is left.
+pub async fn run_writer(mut rx: mpsc::Receiver<AuditEvent>, db: std::sync::Arc<Db>, mut shutdown: Shutdown) {
+    let mut pending: Vec<AuditEvent> = Vec::new();
+    let mut retry = Duration::from_millis(200);
+    loop {
+        let stopping = tokio::select! {
+            count = rx.recv_many(&mut pending, BATCH) => count == 0,
+            _ = shutdown.wait() => true,
+        };
+        if stopping {
+            // Take what is queued without waiting for more.
+            while let Ok(event) = rx.try_recv() {
+                pending.push(event);
+            }
+        }
+        while !pending.is_empty() {
+            let take = pending.len().min(BATCH);
+            match insert(&db, &pending[..take]).await {
+                Ok(()) => {
+                    pending.drain(..take);
+                    retry = Duration::from_millis(200);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, pending = pending.len(), "audit log write failed; retrying");
+                    if pending.len() > BACKLOG {
+                        let excess = pending.len() - BACKLOG;
+                        pending.drain(..excess);
+                        metrics::counter!("pgcast_audit_dropped_total").increment(excess as u64);
+                    }
+                    if stopping {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(retry) => {}
+                        _ = shutdown.wait() => {}
+                    }
+                    retry = (retry * 2).min(Duration::from_secs(10));
+                    break;
+                }
+            }
+        }
+        if stopping && pending.is_empty() {
+            return;
+        }
+    }
+}
+
+async fn insert(db: &Db, events: &[AuditEvent]) -> Result<(), DbError> {
+    let client = db.client().await?;
+    let column = |f: fn(&AuditEvent) -> Option<String>| events.iter().map(f).collect::<Vec<_>>();
+    let at: Vec<SystemTime> = events.iter().map(|e| e.at).collect();
+    let action: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
+    client
+        .execute(
+            "INSERT INTO pgcast.audit_log (at, action, user_id, role, tenant, channel, client_addr, detail)
+             SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                  $6::text[], $7::text[], $8::text[])",
+            &[
+                &at,
+                &action,
+                &column(|e| e.user_id.clone()),
+                &column(|e| e.role.clone()),
+                &column(|e| e.tenant.clone()),
+                &column(|e| e.channel.clone()),
+                &column(|e| e.client_addr.clone()),
+                &column(|e| e.detail.clone()),
+            ],
+        )
+        .await?;
+    metrics::counter!("pgcast_audit_written_total").increment(events.len() as u64);
+    Ok(())
+}
