@@ -17,7 +17,10 @@ pub const DEFAULT_PUBLICATION: &str = "pgcast";
 pub const DEFAULT_SLOT: &str = "pgcast";
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 1024;
 pub const DEFAULT_HEARTBEAT_TIMEOUT_SECS: u64 = 60;
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+pub const DEFAULT_MAX_MESSAGES_PER_SECOND: u32 = 100;
+pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 100;
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 50;
 const MIN_JWT_SECRET_LEN: usize = 16;
 
 /// A configuration value that is missing or wrong; the message names the key and how to fix it.
@@ -58,6 +61,9 @@ struct FileConfig {
     outbound_queue: Option<usize>,
     heartbeat_timeout_secs: Option<u64>,
     max_message_bytes: Option<usize>,
+    max_messages_per_second: Option<u32>,
+    max_channels_per_connection: Option<usize>,
+    max_connections_per_user: Option<usize>,
 }
 
 /// Validated configuration for one server.
@@ -79,6 +85,12 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     /// Largest client frame accepted; larger frames close the connection with a reason.
     pub max_message_bytes: usize,
+    /// Client frames per second per connection (burst of the same size); more are refused.
+    pub max_messages_per_second: u32,
+    /// Channels one connection may have joined at once.
+    pub max_channels_per_connection: usize,
+    /// Connections one user (`sub`) may have at once.
+    pub max_connections_per_user: usize,
 }
 
 impl std::fmt::Debug for Config {
@@ -92,6 +104,9 @@ impl std::fmt::Debug for Config {
             .field("outbound_queue", &self.outbound_queue)
             .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("max_messages_per_second", &self.max_messages_per_second)
+            .field("max_channels_per_connection", &self.max_channels_per_connection)
+            .field("max_connections_per_user", &self.max_connections_per_user)
             .finish_non_exhaustive()
     }
 }
@@ -163,6 +178,21 @@ impl Config {
                 message: "must be between 1024 and 67108864 bytes".into(),
             });
         }
+        let max_messages_per_second =
+            from_file.max_messages_per_second.unwrap_or(DEFAULT_MAX_MESSAGES_PER_SECOND);
+        let max_channels_per_connection =
+            from_file.max_channels_per_connection.unwrap_or(DEFAULT_MAX_CHANNELS_PER_CONNECTION);
+        let max_connections_per_user =
+            from_file.max_connections_per_user.unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_USER);
+        for (key, value) in [
+            ("max_messages_per_second", max_messages_per_second as usize),
+            ("max_channels_per_connection", max_channels_per_connection),
+            ("max_connections_per_user", max_connections_per_user),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid { key, message: "must be at least 1".into() });
+            }
+        }
         Ok(Config {
             database_url,
             listen,
@@ -174,6 +204,9 @@ impl Config {
             outbound_queue,
             heartbeat_timeout: Duration::from_secs(heartbeat_secs),
             max_message_bytes,
+            max_messages_per_second,
+            max_channels_per_connection,
+            max_connections_per_user,
         })
     }
 }

@@ -6,6 +6,7 @@
 //! client with a reason, stop the stream, let the router drain, then confirm the last handled LSN
 //! on the slot.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -69,6 +70,8 @@ pub struct AppState {
     pub shutdown: Shutdown,
     pub metrics: PrometheusHandle,
     next_subscription: AtomicU64,
+    /// Open connections per user, for `max_connections_per_user`.
+    users: Mutex<HashMap<String, usize>>,
     stopping: AtomicBool,
     active_sessions: AtomicUsize,
     sessions_idle: Notify,
@@ -106,6 +109,27 @@ impl AppState {
                 })
                 .clone();
             session.deliver(Outbound { message, commit_time_micros: 0 });
+        }
+    }
+
+    /// Counts a connection for `user`; `false` (and not counted) when at the limit.
+    pub fn user_connected(&self, user: &str) -> bool {
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        let count = users.entry(user.to_string()).or_insert(0);
+        if *count >= self.config.max_connections_per_user {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    pub fn user_disconnected(&self, user: &str) {
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = users.get_mut(user) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                users.remove(user);
+            }
         }
     }
 
@@ -215,6 +239,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         shutdown: shutdown.clone(),
         metrics,
         next_subscription: AtomicU64::new(1),
+        users: Mutex::new(HashMap::new()),
         stopping: AtomicBool::new(false),
         active_sessions: AtomicUsize::new(0),
         sessions_idle: Notify::new(),

@@ -10,12 +10,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -42,6 +44,8 @@ pub mod close_code {
     /// The client did not read fast enough and its queue filled.
     pub const SLOW_CONSUMER: u16 = 4000;
     pub const HEARTBEAT_TIMEOUT: u16 = 4001;
+    /// The user already has as many connections as allowed.
+    pub const TOO_MANY_CONNECTIONS: u16 = 4003;
 }
 
 /// A message on its way to one or more connections: the bytes are shared, not copied.
@@ -118,6 +122,10 @@ pub struct Session {
     peer: SocketAddr,
     apikey: Option<String>,
     channels: HashMap<String, JoinedChannel>,
+    /// Client frames per second (`max_messages_per_second`).
+    limiter: DefaultDirectRateLimiter,
+    /// The user this connection counts against (`max_connections_per_user`), once known.
+    counted_user: Option<String>,
 }
 
 /// Why the session loop ended: how to close the socket, if at all.
@@ -142,7 +150,19 @@ impl Session {
             kick_reason: Mutex::new(None),
             kick: Notify::new(),
         });
-        (Session { handle, state, socket, peer, apikey, channels: HashMap::new() }, rx)
+        let rate = NonZeroU32::new(state.config.max_messages_per_second).unwrap_or(NonZeroU32::MIN);
+        let limiter = RateLimiter::direct(Quota::per_second(rate));
+        let session = Session {
+            handle,
+            state,
+            socket,
+            peer,
+            apikey,
+            channels: HashMap::new(),
+            limiter,
+            counted_user: None,
+        };
+        (session, rx)
     }
 
     /// Runs the connection until the client leaves, is cut off, or the server shuts down.
@@ -153,6 +173,9 @@ impl Session {
         self.audit(AuditEvent::new(Action::Connect).claims(claims.as_ref()));
         let ending = self.serve(&mut rx).await;
         self.leave_all();
+        if let Some(user) = self.counted_user.take() {
+            self.state.user_disconnected(&user);
+        }
         if let Ending::Close(code, reason) = &ending {
             tracing::info!(session = self.handle.id, code, reason = %reason, "closing client");
             let frame = CloseFrame { code: *code, reason: reason.as_str().into() };
@@ -204,7 +227,13 @@ impl Session {
                             }
                         }
                         Some(Ok(Message::Binary(bytes))) => {
-                            if self.handle_binary(&bytes).await.is_err() {
+                            let outcome = if self.limiter.check().is_err() {
+                                metrics::counter!("pgcast_rate_limited_total").increment(1);
+                                self.send_error_notice("rate limit exceeded: binary frame dropped").await
+                            } else {
+                                self.handle_binary(&bytes).await
+                            };
+                            if outcome.is_err() {
                                 return Ending::Gone;
                             }
                         }
@@ -289,6 +318,14 @@ impl Session {
             Ok(frame) => frame,
             Err(e) => return self.send_error_notice(&e.to_string()).await,
         };
+        if self.limiter.check().is_err() {
+            metrics::counter!("pgcast_rate_limited_total").increment(1);
+            let reason = format!(
+                "rate limit exceeded: at most {} messages per second",
+                self.state.config.max_messages_per_second
+            );
+            return self.reply_error(&frame, reason).await;
+        }
         if frame.topic == "phoenix" {
             return match frame.event.as_str() {
                 "heartbeat" => self.reply(&frame, "ok", json!({})).await,
@@ -350,6 +387,25 @@ impl Session {
                 return self.reply_error(&frame, reason).await;
             }
         };
+        if self.channels.len() >= self.state.config.max_channels_per_connection {
+            let reason = format!(
+                "too many channels: at most {} per connection",
+                self.state.config.max_channels_per_connection
+            );
+            return self.refuse_join(&frame, &claims, reason).await;
+        }
+        if let (None, Some(user)) = (&self.counted_user, &claims.sub) {
+            if !self.state.user_connected(user) {
+                let reason = format!(
+                    "too many connections for this user: at most {}",
+                    self.state.config.max_connections_per_user
+                );
+                self.refuse_join(&frame, &claims, reason.clone()).await?;
+                self.handle.kick(close_code::TOO_MANY_CONNECTIONS, reason);
+                return Ok(());
+            }
+            self.counted_user = Some(user.clone());
+        }
         let bindings = match frame.payload.pointer("/config/postgres_changes") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(items)) => items.clone(),
