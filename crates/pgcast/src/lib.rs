@@ -17,6 +17,7 @@ pub mod http;
 pub mod local_postgres;
 pub mod presence;
 pub mod protocol;
+pub mod rls;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -247,7 +247,13 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     });
 
     let (changes_tx, changes_rx) = mpsc::channel(ROUTER_QUEUE);
-    let router = tokio::spawn(router::run(changes_rx, index, progress.clone()));
+    let rls = if state.policy.tables().any(|(_, t)| t.mode == crate::router::policy::Mode::Rls) {
+        crate::rls::ensure_function(&db).await?;
+        Some(Arc::new(crate::rls::RlsChecker::new(db.clone())))
+    } else {
+        None
+    };
+    let router = tokio::spawn(router::run(changes_rx, index, progress.clone(), rls));
     let source = ReplicationSource {
         database_url: state.config.database_url.clone(),
         slot: state.config.slot.clone(),

@@ -24,18 +24,22 @@ use crate::protocol::phoenix::{self, Vsn};
 use crate::session::{Outbound, SessionHandle};
 use index::{Index, Subscription};
 use payload::View;
-use policy::{Visibility, FULL_SHAPE_ID, LEFT_VIEW_SHAPE_ID};
+use policy::{RlsIdentity, Visibility, FULL_SHAPE_ID, LEFT_VIEW_SHAPE_ID};
 
-/// Routes until the capture side closes the channel.
+use crate::rls::RlsChecker;
+
+/// Routes until the capture side closes the channel. `rls` is set when a table uses
+/// row-level security mode.
 pub async fn run(
     mut changes: mpsc::Receiver<Transaction>,
     index: Arc<RwLock<Index>>,
     progress: Arc<Progress>,
+    rls: Option<Arc<RlsChecker>>,
 ) {
     let mut fanout = Fanout::default();
     while let Some(tx) = changes.recv().await {
         for change in &tx.changes {
-            fanout.route(&tx, change, &index);
+            fanout.route(&tx, change, &index, rls.as_deref()).await;
         }
         progress.mark_handled(tx.end_lsn);
     }
@@ -61,12 +65,19 @@ fn shape_id(visibility: &Visibility) -> u32 {
         Visibility::Visible(None) | Visibility::Hidden => FULL_SHAPE_ID,
         Visibility::Visible(Some(spec)) => spec.id,
         Visibility::LeftView(_) => LEFT_VIEW_SHAPE_ID,
+        Visibility::NeedsRls(spec, _) => spec.id,
     }
 }
 
 impl Fanout {
     /// Delivers one change; returns how many connections it was queued for.
-    pub fn route(&mut self, tx: &Transaction, change: &Change, index: &RwLock<Index>) -> usize {
+    pub async fn route(
+        &mut self,
+        tx: &Transaction,
+        change: &Change,
+        index: &RwLock<Index>,
+        rls: Option<&RlsChecker>,
+    ) -> usize {
         self.matched.clear();
         match index.read() {
             Ok(index) => index.matches(change, &mut self.matched),
@@ -74,6 +85,9 @@ impl Fanout {
         }
         if self.matched.is_empty() {
             return 0;
+        }
+        if self.matched.iter().any(|(_, v)| matches!(v, Visibility::NeedsRls(..))) {
+            self.resolve_rls(change, rls).await;
         }
         self.targets.clear();
         self.views.clear();
@@ -102,6 +116,7 @@ impl Fanout {
                             Visibility::Visible(Some(spec)) => View::Shaped(spec),
                             Visibility::LeftView(primary_key) => View::LeftView(primary_key),
                             Visibility::Visible(None) | Visibility::Hidden => View::Full,
+                            Visibility::NeedsRls(spec, _) => View::Shaped(spec),
                         };
                         payload::change_data(tx, change, view)
                     });
@@ -119,5 +134,40 @@ impl Fanout {
             }
         }
         delivered
+    }
+
+    /// Asks PostgreSQL, once for all candidates, which RLS-mode subscribers may see the row;
+    /// the others are dropped. On error nobody in RLS mode gets the change (fail closed).
+    async fn resolve_rls(&mut self, change: &Change, rls: Option<&RlsChecker>) {
+        let mut identities: Vec<Arc<RlsIdentity>> = Vec::new();
+        let mut primary_key: Option<Arc<[String]>> = None;
+        for (_, visibility) in &self.matched {
+            if let Visibility::NeedsRls(spec, identity) = visibility {
+                primary_key.get_or_insert_with(|| spec.primary_key.clone());
+                if !identities.contains(identity) {
+                    identities.push(identity.clone());
+                }
+            }
+        }
+        let verdicts = match (rls, &primary_key) {
+            (Some(rls), Some(primary_key)) => match rls.visible(change, primary_key, &identities).await {
+                Ok(verdicts) => verdicts,
+                Err(e) => {
+                    tracing::warn!(error = %e, table = %change.relation.name, "row-level security check failed; change withheld");
+                    metrics::counter!("pgcast_rls_errors_total").increment(1);
+                    vec![false; identities.len()]
+                }
+            },
+            _ => vec![false; identities.len()],
+        };
+        self.matched.retain_mut(|(_, visibility)| {
+            let Visibility::NeedsRls(spec, identity) = visibility else { return true };
+            let allowed =
+                identities.iter().position(|i| i == identity).and_then(|i| verdicts.get(i)) == Some(&true);
+            if allowed {
+                *visibility = Visibility::Visible(Some(spec.clone()));
+            }
+            allowed
+        });
     }
 }

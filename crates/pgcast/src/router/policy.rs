@@ -156,6 +156,7 @@ struct Rule {
 #[derive(Debug)]
 pub struct TablePolicy {
     pub mode: Mode,
+    rls_delete_shape: Option<Arc<ShapeSpec>>,
     pub primary_key: Arc<[String]>,
     pub replica_identity_full: bool,
     rules: Vec<Rule>,
@@ -192,8 +193,18 @@ pub struct BoundPolicy {
     pub mode: Mode,
     pub rules: Vec<BoundRule>,
     pub primary_key: Arc<[String]>,
-    /// Full shape for RLS mode (visibility decided by PostgreSQL, rows sent whole).
-    pub rls_shape: Option<Arc<ShapeSpec>>,
+    /// In RLS mode: the database role and claims PostgreSQL checks visibility with.
+    pub rls: Option<Arc<RlsIdentity>>,
+    /// In RLS mode: the primary-key-only shape DELETEs are sent in (the row is gone, so
+    /// PostgreSQL cannot be asked about it).
+    rls_delete_shape: Option<Arc<ShapeSpec>>,
+}
+
+/// Who PostgreSQL checks row-level security for: `SET ROLE role` and `request.jwt.claims`.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct RlsIdentity {
+    pub role: String,
+    pub claims: String,
 }
 
 /// What one change means for one subscriber.
@@ -203,6 +214,9 @@ pub enum Visibility {
     Visible(Option<Arc<ShapeSpec>>),
     /// The row was visible before this UPDATE and is not any more: send its primary key only.
     LeftView(Arc<[String]>),
+    /// RLS mode: visible in this shape if PostgreSQL's row-level security lets `identity` select
+    /// the row.
+    NeedsRls(Arc<ShapeSpec>, Arc<RlsIdentity>),
     Hidden,
 }
 
@@ -321,8 +335,21 @@ impl Policy {
                 claims.role
             ));
         }
-        let rls_shape = (policy.mode == Mode::Rls).then(|| rules[0].shape.clone());
-        Ok(Some(BoundPolicy { mode: policy.mode, rules, primary_key: policy.primary_key.clone(), rls_shape }))
+        let (rls, rls_delete_shape) = match policy.mode {
+            Mode::Policy => (None, None),
+            Mode::Rls => {
+                let claims_json = serde_json::Value::Object(claims.all.clone()).to_string();
+                let identity = RlsIdentity { role: claims.role.clone(), claims: claims_json };
+                (Some(Arc::new(identity)), policy.rls_delete_shape.clone())
+            }
+        };
+        Ok(Some(BoundPolicy {
+            mode: policy.mode,
+            rules,
+            primary_key: policy.primary_key.clone(),
+            rls,
+            rls_delete_shape,
+        }))
     }
 
     /// Whether `claims` may join `topic` (`realtime:` prefix removed) as private, and with which
@@ -430,14 +457,27 @@ fn compile_table(
             }
             (Some(other), _) => return Err(err(format!("unknown shape {other:?} (full, keys or columns)"))),
         };
-        if mode == Mode::Rls && rule.when.is_some() {
-            return Err(err("mode = \"rls\" rules take no `when`: PostgreSQL's policies decide".into()));
+        if mode == Mode::Rls && (rule.when.is_some() || file.tenant.is_some()) {
+            return Err(err(
+                "mode = \"rls\" takes no `when` or `tenant`: PostgreSQL's policies decide".into()
+            ));
         }
         let spec = Arc::new(ShapeSpec { id: *next_shape_id, shape, primary_key: primary_key.clone() });
         *next_shape_id += 1;
         rules.push(Rule { roles, conditions, shape: spec });
     }
-    Ok(TablePolicy { mode, primary_key, replica_identity_full: definition.replica_identity_full, rules })
+    let rls_delete_shape = (mode == Mode::Rls).then(|| {
+        let spec = ShapeSpec { id: *next_shape_id, shape: Shape::Keys, primary_key: primary_key.clone() };
+        *next_shape_id += 1;
+        Arc::new(spec)
+    });
+    Ok(TablePolicy {
+        mode,
+        rls_delete_shape,
+        primary_key,
+        replica_identity_full: definition.replica_identity_full,
+        rules,
+    })
 }
 
 /// Parses `col = claims.sub and col2 in claims.ids and status != 'cancelled'`.
@@ -608,6 +648,22 @@ impl BoundPolicy {
     pub fn visibility(&self, change: &Change, filter: Option<&Filter>) -> Visibility {
         let relation = &change.relation;
         let passes_filter = |row: &Row| filter.is_none_or(|f| f.matches(relation, row));
+        if let (Some(identity), Some(delete_shape)) = (&self.rls, &self.rls_delete_shape) {
+            // RLS mode: the filter narrows, PostgreSQL decides. A deleted row cannot be
+            // checked any more, so DELETEs go out with the primary key only.
+            let (row, shape) = match change.kind {
+                ChangeKind::Insert | ChangeKind::Update => (change.new.as_ref(), &self.rules[0].shape),
+                ChangeKind::Delete => (change.old.as_ref(), delete_shape),
+                ChangeKind::Truncate => (None, delete_shape),
+            };
+            return match row {
+                Some(row) if passes_filter(row) && change.kind == ChangeKind::Delete => {
+                    Visibility::Visible(Some(shape.clone()))
+                }
+                Some(row) if passes_filter(row) => Visibility::NeedsRls(shape.clone(), identity.clone()),
+                _ => Visibility::Hidden,
+            };
+        }
         match change.kind {
             ChangeKind::Insert => match change.new.as_ref() {
                 Some(new) if passes_filter(new) => match self.admit(relation, new) {

@@ -93,6 +93,24 @@ async fn parse_binding(
         Some(name) => state.policy.bind(&schema, name, claims)?,
         None => None,
     };
+    if let Some(identity) = policy.as_ref().and_then(|p| p.rls.as_ref()) {
+        let exists = state
+            .db
+            .client()
+            .await
+            .map_err(|e| format!("cannot check role {:?}: {e}", identity.role))?
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&identity.role])
+            .await
+            .map_err(|e| format!("cannot check role {:?}: {e}", identity.role))?
+            .is_some();
+        if !exists {
+            return Err(format!(
+                "table {schema}.{} uses row-level security, which needs a database role {:?}",
+                table.as_deref().unwrap_or(""),
+                identity.role
+            ));
+        }
+    }
     if let (Some(policy), Some(filter)) = (&policy, &filter) {
         if !policy.can_filter_on(&filter.column) {
             return Err(format!(
