@@ -96,17 +96,46 @@ for (const vsn of ['1.0.0', '2.0.0']) {
   });
 }
 
-test('a role without access is refused with a reason, and a bad table too', async () => {
-  const authenticated = demo.token({ role: 'authenticated', sub: '7' });
-  const rt = client('2.0.0', authenticated);
-  const ch = rt.channel('refused').on('postgres_changes', { event: '*', schema: 'public', table: 'appointments' }, () => {});
-  await assert.rejects(subscribed(ch), /no policy allows it/);
-  rt.disconnect();
+test('row policies reach realtime-js clients: own rows only, hidden columns, refusals with reasons', async () => {
+  const patient = client('2.0.0', info.patient_token);
+  const own = [];
+  const ch = patient
+    .channel('patient:7', { config: { private: true } })
+    .on('postgres_changes', { event: '*', schema: 'public', table: 'appointments' }, (p) => own.push(p));
+  await subscribed(ch);
+  const provider = client('1.0.0', info.provider_token);
+  const schedule = [];
+  const pch = provider
+    .channel('provider:3', { config: { private: true } })
+    .on('postgres_changes', { event: 'INSERT', schema: 'public', table: 'appointments' }, (p) => schedule.push(p));
+  await subscribed(pch);
 
-  const service = client('2.0.0');
-  const bad = service.channel('bad').on('postgres_changes', { event: '*', schema: 'public', table: 'nope' }, () => {});
+  await db.query(
+    `INSERT INTO appointments (tenant_id, patient_id, provider_id, starts_at, notes) VALUES
+       (1, 7, 3, now(), 'clinical note'), (1, 8, 3, now(), 'someone else'), (2, 7, 3, now(), 'other clinic')`,
+  );
+  await waitFor('the patient own row', () => own.length >= 1);
+  await waitFor('the provider schedule', () => schedule.length >= 2);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(own.length, 1, 'only their own row of their own clinic');
+  assert.equal(own[0].new.patient_id, 7);
+  assert.equal(own[0].new.notes, 'clinical note');
+  assert.equal(schedule.length, 2, "the provider's two rows in clinic 1");
+  assert.equal(schedule[0].new.notes, undefined, 'notes are not in the provider shape');
+  assert.deepEqual(Object.keys(schedule[0].new).sort(), ['id', 'patient_id', 'provider_id', 'starts_at', 'status', 'tenant_id']);
+
+  const other = client('2.0.0', info.patient_token);
+  const forged = other
+    .channel('patient:7', { config: { private: true } })
+    .on('postgres_changes', { event: '*', schema: 'public', table: 'appointments', filter: 'patient_id=eq.8' }, () => {});
+  await assert.rejects(subscribed(forged), /can never match/);
+  await assert.rejects(subscribed(other.channel('patient:8', { config: { private: true } })), /not allowed to join private channel/);
+  await assert.rejects(subscribed(other.channel('lobby')), /public channels are disabled/);
+  const bad = client('2.0.0')
+    .channel('bad')
+    .on('postgres_changes', { event: '*', schema: 'public', table: 'nope' }, () => {});
   await assert.rejects(subscribed(bad), /not in publication/);
-  service.disconnect();
+  for (const c of [patient, provider, other]) c.disconnect();
 });
 
 test('supabase-js pointed at pgcast receives changes through supabase.channel()', async () => {

@@ -19,20 +19,12 @@ pub enum DemoError {
     Publication(#[from] publication::PublicationError),
 }
 
-/// The demo schema: appointments of a clinic, as in the seed apps.
-pub const DEMO_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS appointments (
-    id          bigserial PRIMARY KEY,
-    tenant_id   int NOT NULL,
-    patient_id  int NOT NULL,
-    provider_id int NOT NULL,
-    status      text NOT NULL DEFAULT 'booked',
-    starts_at   timestamptz NOT NULL,
-    notes       text,
-    created_at  timestamptz NOT NULL DEFAULT now()
-);
-ALTER TABLE appointments REPLICA IDENTITY FULL;
-";
+/// The demo schema: the clinic tables of the seed apps (`examples/clinic.sql`).
+pub const DEMO_SCHEMA: &str = include_str!("../../../examples/clinic.sql");
+/// The demo's row policies and channel rules (`examples/policy.toml`).
+pub const DEMO_POLICY: &str = include_str!("../../../examples/policy.toml");
+/// Tables the demo publishes.
+pub const DEMO_TABLES: [&str; 3] = ["appointments", "slot_reservations", "queue_entries"];
 
 /// Starts (or reuses) the demo cluster under `dir` and prepares the demo table.
 pub async fn prepare(dir: &Path, pg_port: u16, publication_name: &str) -> Result<LocalPostgres, DemoError> {
@@ -40,7 +32,9 @@ pub async fn prepare(dir: &Path, pg_port: u16, publication_name: &str) -> Result
     let db = Db::new(&cluster.url());
     db.client().await?.batch_execute(DEMO_SCHEMA).await.map_err(crate::db::DbError::Query)?;
     publication::ensure(&db, publication_name, crate::config::DEFAULT_SLOT).await?;
-    publication::add_table(&db, publication_name, "appointments").await?;
+    for table in DEMO_TABLES {
+        publication::add_table(&db, publication_name, table).await?;
+    }
     Ok(cluster)
 }
 

@@ -74,7 +74,8 @@ struct DemoArgs {
     /// Address the server listens on.
     #[arg(long, default_value = "127.0.0.1:4000")]
     listen: String,
-    /// Row policy and channel authorization file [default: examples/policy.toml when present].
+    /// Row policy and channel authorization file [default: the built-in copy of
+    /// examples/policy.toml].
     #[arg(long)]
     policy: Option<PathBuf>,
 }
@@ -180,26 +181,45 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let dir = std::path::absolute(&args.dir).context("resolving --dir")?;
     let mut cluster = pgcast::demo::prepare(&dir, args.pg_port, "pgcast").await?;
     let secret = pgcast::demo::random_secret();
+    let policy = match args.policy {
+        Some(path) => path,
+        None => {
+            let path = dir.join("policy.toml");
+            std::fs::write(&path, pgcast::demo::DEMO_POLICY).context("writing the demo policy")?;
+            path
+        }
+    };
     let config = Config::load(
         None,
         ConfigOverrides {
             database_url: Some(cluster.url()),
             listen: Some(args.listen),
             jwt_secret: Some(secret.clone()),
-            policy: args.policy,
+            policy: Some(policy.clone()),
             ..Default::default()
         },
     )
     .map_err(|e| UsageError(e.to_string()))?;
     let server = pgcast::server::start(config).await.context("cannot start the server")?;
     let token = pgcast::auth::sign(&secret, &token_claims("service_role", None, 24 * 3600))?;
+    let as_user = |role: &str, sub: &str| -> anyhow::Result<String> {
+        let mut claims = token_claims(role, Some(sub), 24 * 3600);
+        claims["tenant_id"] = json!(1);
+        Ok(pgcast::auth::sign(&secret, &claims)?)
+    };
+    let patient = as_user("patient", "7")?;
+    let provider = as_user("provider", "3")?;
     let ws = format!("ws://{}/realtime/v1", server.addr);
     println!("pgcast demo is running.");
     println!("  PostgreSQL:  {}   (data in {})", cluster.url(), dir.display());
     println!("  Realtime:    {ws}/websocket?apikey=<token>&vsn=2.0.0");
     println!("  Health:      http://{}/health   Metrics: http://{}/metrics", server.addr, server.addr);
     println!("  JWT secret:  {secret}");
-    println!("  Token (service_role, 24 h): {token}");
+    println!("  Policy:      {}", policy.display());
+    println!("  Tokens (24 h):");
+    println!("    service_role (every row):              {token}");
+    println!("    patient 7 of clinic 1 (own rows):      {patient}");
+    println!("    provider 3 of clinic 1 (no notes):     {provider}");
     println!("Subscribe with @supabase/realtime-js:");
     println!("  new RealtimeClient('{ws}', {{ params: {{ apikey: TOKEN }} }})");
     println!("    .channel('clinic').on('postgres_changes', {{ event: '*', schema: 'public', table: 'appointments' }}, console.log).subscribe()");
@@ -217,6 +237,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             "database_url": cluster.url(),
             "jwt_secret": secret,
             "service_token": token,
+            "patient_token": patient,
+            "provider_token": provider,
             "http": format!("http://{}", server.addr),
         })
     );

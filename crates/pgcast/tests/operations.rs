@@ -209,3 +209,25 @@ async fn logs_are_json_lines_without_row_contents_or_tokens() {
     assert!(!stderr.contains(SECRET), "the JWT secret leaked into logs");
     assert!(stderr.contains("\"topic\":\"realtime:v\""), "joins are logged with ids");
 }
+
+#[tokio::test]
+async fn the_example_policy_compiles_against_the_example_schema() {
+    let pg = Pg::start("examples").await;
+    pg.publish(pgcast::demo::DEMO_SCHEMA, &pgcast::demo::DEMO_TABLES).await;
+    let dir = test_dir("examples-policy");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("policy.toml"), pgcast::demo::DEMO_POLICY).unwrap();
+    let mut config = config(&pg);
+    config.policy = Some(dir.join("policy.toml"));
+    let server = start_server(config).await;
+    let patient = token_with(json!({"role": "patient", "sub": "7", "tenant_id": 1}), 600);
+    let mut client = Client::connect(server.addr, None, true).await;
+    let payload = json!({"config": {"private": true, "postgres_changes": [binding("*", "queue_entries", None)]}, "access_token": patient});
+    let r = client.push("realtime:patient:7", "phx_join", payload).await;
+    assert_eq!(client.reply(&r).await["payload"]["status"], "ok");
+    pg.exec("INSERT INTO appointments (id, tenant_id, patient_id, provider_id, starts_at) VALUES (1, 1, 7, 3, now());
+             INSERT INTO queue_entries (tenant_id, appointment_id, patient_id, position) VALUES (1, 1, 7, 2)")
+        .await;
+    let got = client.changes(1, DEADLINE).await;
+    assert_eq!(got[0]["data"]["record"], json!({"id": 1, "position": 2, "state": "waiting"}));
+}
