@@ -131,11 +131,10 @@ test('row policies reach realtime-js clients: own rows only, hidden columns, ref
   await assert.rejects(subscribed(forged), /can never match/);
   await assert.rejects(subscribed(other.channel('patient:8', { config: { private: true } })), /not allowed to join private channel/);
   await assert.rejects(subscribed(other.channel('lobby')), /public channels are disabled/);
-  const bad = client('2.0.0')
-    .channel('bad')
-    .on('postgres_changes', { event: '*', schema: 'public', table: 'nope' }, () => {});
+  const service = client('2.0.0');
+  const bad = service.channel('bad').on('postgres_changes', { event: '*', schema: 'public', table: 'nope' }, () => {});
   await assert.rejects(subscribed(bad), /not in publication/);
-  for (const c of [patient, provider, other]) c.disconnect();
+  for (const c of [patient, provider, other, service]) c.disconnect();
 });
 
 test('supabase-js pointed at pgcast receives changes through supabase.channel()', async () => {

@@ -1,0 +1,180 @@
+//! Broadcast and presence with a raw client: server broadcast refusals, presence leaving when a
+//! socket dies or stops heartbeating, and write rights on private channels.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::SinkExt;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn setup(
+    name: &str,
+    tune: impl FnOnce(&mut pgcast::config::Config),
+) -> (Pg, pgcast::server::RunningServer) {
+    let pg = Pg::start(name).await;
+    pg.publish("CREATE TABLE t (id int PRIMARY KEY)", &[]).await;
+    let mut config = config(&pg);
+    tune(&mut config);
+    let server = start_server(config).await;
+    (pg, server)
+}
+
+async fn post(addr: std::net::SocketAddr, path: &str, auth: Option<&str>, body: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = auth.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn server_broadcast_needs_a_service_token_and_a_valid_body() {
+    let (_pg, server) = setup("restbroadcast", |_| {}).await;
+    let mut member = Client::connect(server.addr, Some(&token("authenticated", 600)), false).await;
+    assert_eq!(member.join("realtime:ward", json!([]), None).await["status"], "ok");
+    let body = r#"{"messages":[{"topic":"ward","event":"paged","payload":{"room":4}}]}"#;
+
+    let (status, reply) = post(server.addr, "/api/broadcast", None, body).await;
+    assert!(status == 401 && reply.contains("missing token"), "{status} {reply}");
+    let (status, reply) = post(server.addr, "/api/broadcast", Some("garbage"), body).await;
+    assert!(status == 401 && reply.contains("invalid token"), "{status} {reply}");
+    let (status, reply) = post(server.addr, "/api/broadcast", Some(&token("authenticated", 60)), body).await;
+    assert!(status == 403 && reply.contains("may not broadcast over HTTP"), "{status} {reply}");
+    let service = token("service_role", 60);
+    let (status, reply) = post(server.addr, "/api/broadcast", Some(&service), "{nope").await;
+    assert!(status == 400 && reply.contains("not JSON"), "{status} {reply}");
+    let (status, reply) =
+        post(server.addr, "/api/broadcast", Some(&service), r#"{"messages":[{"topic":1}]}"#).await;
+    assert!(status == 400 && reply.contains("messages[0]"), "{status} {reply}");
+    member.expect_no_change(Duration::from_millis(200)).await;
+
+    let (status, reply) = post(server.addr, "/realtime/v1/api/broadcast", Some(&service), body).await;
+    assert_eq!(status, 202, "{reply}");
+    let got = member.expect("broadcast", |v| v["event"] == "broadcast").await;
+    assert_eq!(got["payload"], json!({"type": "broadcast", "event": "paged", "payload": {"room": 4}}));
+}
+
+/// Joins with presence enabled, returns the `presence_state` received, and tracks.
+async fn track(client: &mut Client, topic: &str, key: &str) -> Value {
+    let payload = json!({"config": {"presence": {"key": key, "enabled": true}}});
+    let r = client.push(topic, "phx_join", payload).await;
+    assert_eq!(client.reply(&r).await["payload"]["status"], "ok");
+    let state = client.expect("presence_state", |v| v["event"] == "presence_state").await;
+    let r = client
+        .push(topic, "presence", json!({"type": "presence", "event": "track", "payload": {"k": key}}))
+        .await;
+    assert_eq!(client.reply(&r).await["payload"]["status"], "ok");
+    state["payload"].clone()
+}
+
+async fn expect_leave(watcher: &mut Client, key: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    let deadline = started + within;
+    while Instant::now() < deadline {
+        if let Some(v) = watcher.next(deadline - Instant::now()).await {
+            if v["event"] == "presence_diff" && v["payload"]["leaves"].get(key).is_some() {
+                return started.elapsed();
+            }
+        }
+    }
+    panic!("{key} never left presence");
+}
+
+#[tokio::test]
+async fn presence_is_left_when_a_socket_dies_or_stops_heartbeating() {
+    let (_pg, server) = setup("presencegone", |c| c.heartbeat_timeout = Duration::from_secs(5)).await;
+    let user = token("authenticated", 600);
+    let mut watcher = Client::connect(server.addr, Some(&user), true).await;
+    let state = track(&mut watcher, "realtime:lobby", "watcher").await;
+    assert_eq!(state, json!({}), "state before anyone else tracked");
+
+    // A socket that dies without a close frame.
+    let mut dying = Client::connect(server.addr, Some(&user), true).await;
+    let state = track(&mut dying, "realtime:lobby", "dying").await;
+    assert!(state.get("watcher").is_some(), "a later member sees who is there: {state}");
+    watcher
+        .expect("dying joins", |v| {
+            v["event"] == "presence_diff" && v["payload"]["joins"].get("dying").is_some()
+        })
+        .await;
+    drop(dying);
+    expect_leave(&mut watcher, "dying", DEADLINE).await;
+
+    // A client that stays connected but stops sending anything, heartbeats included.
+    let mut silent = Client::connect(server.addr, Some(&user), true).await;
+    track(&mut silent, "realtime:lobby", "silent").await;
+    let keep_alive = tokio::spawn(async move {
+        // The watcher keeps heartbeating so only the silent one times out.
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if watcher.push("phoenix", "heartbeat", json!({})).await.is_empty() {
+                break;
+            }
+            if let Some(v) = watcher.next(Duration::from_millis(10)).await {
+                if v["event"] == "presence_diff" && v["payload"]["leaves"].get("silent").is_some() {
+                    return watcher;
+                }
+            }
+        }
+        watcher
+    });
+    let watcher =
+        tokio::time::timeout(Duration::from_secs(15), keep_alive).await.expect("silent never left").unwrap();
+    drop(watcher);
+    let close = silent.expect("heartbeat timeout close", |v| v["event"] == "__close").await;
+    assert_eq!(close["code"], 4001, "{close}");
+}
+
+#[tokio::test]
+async fn write_rights_on_private_channels_are_enforced_per_action() {
+    let pg = Pg::start("privatewrite").await;
+    let dir = test_dir("privatewrite-policy");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("policy.toml"),
+        "[claims]\ntenant_id = \"integer\"\n[channels]\n[[channels.allow]]\ntopic = \"tenant:{claims.tenant_id}:*\"\nrole = \"patient\"\nread = true\n",
+    )
+    .unwrap();
+    let mut config = config(&pg);
+    config.policy = Some(dir.join("policy.toml"));
+    let server = start_server(config).await;
+    let patient = token_with(json!({"role": "patient", "sub": "7", "tenant_id": 3}), 600);
+    let mut client = Client::connect(server.addr, Some(&patient), true).await;
+    let join =
+        |topic: &str| (topic.to_string(), json!({"config": {"private": true, "broadcast": {"ack": true}}}));
+    let (topic, payload) = join("realtime:tenant:4:news");
+    let r = client.push(&topic, "phx_join", payload).await;
+    let reply = client.reply(&r).await;
+    assert_eq!(
+        reply["payload"]["response"]["reason"],
+        "role \"patient\" is not allowed to join private channel \"tenant:4:news\""
+    );
+    let (topic, payload) = join("realtime:tenant:3:news");
+    let r = client.push(&topic, "phx_join", payload).await;
+    assert_eq!(client.reply(&r).await["payload"]["status"], "ok");
+    let r = client.push(&topic, "broadcast", json!({"type": "broadcast", "event": "x", "payload": {}})).await;
+    let reply: Value = client.reply(&r).await;
+    assert_eq!(reply["payload"]["response"]["reason"], "not allowed to send on channel \"tenant:3:news\"");
+    let r =
+        client.push(&topic, "presence", json!({"type": "presence", "event": "track", "payload": {}})).await;
+    let reply = client.reply(&r).await;
+    assert_eq!(
+        reply["payload"]["response"]["reason"],
+        "not allowed to track presence on channel \"tenant:3:news\""
+    );
+    // A malformed binary frame is reported, the connection stays.
+    client.ws.send(tokio_tungstenite::tungstenite::Message::Binary(vec![3, 9].into())).await.unwrap();
+    let notice = client.expect("phx_error", |v| v["event"] == "phx_error").await;
+    assert!(notice["payload"]["reason"].as_str().unwrap().starts_with("malformed binary frame"), "{notice}");
+    let r = client.push("phoenix", "heartbeat", json!({})).await;
+    assert_eq!(client.reply(&r).await["payload"]["status"], "ok");
+}
