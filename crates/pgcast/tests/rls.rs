@@ -97,3 +97,53 @@ async fn postgres_row_level_security_decides_who_receives_a_change() {
     assert!(count >= 4.0, "one check per INSERT/UPDATE change: {metrics}");
     println!("RLS check: {count} changes, mean {:.3} ms per change", sum / count * 1000.0);
 }
+
+/// Not a pass/fail test: measures RLS mode against the same rule evaluated in-process, for the
+/// notes. Run with `cargo test --test rls -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn rls_cost_compared_with_in_process_policy() {
+    const PATIENTS: usize = 20;
+    const ROWS: usize = 400;
+    let in_process = r#"
+[tables.messages]
+[[tables.messages.allow]]
+role = "authenticated"
+when = "patient_id = claims.sub"
+"#;
+    for (mode, policy) in [("rls", POLICY), ("in-process", in_process)] {
+        let pg = Pg::start(&format!("rlscost-{mode}")).await;
+        pg.publish(SCHEMA, &["messages"]).await;
+        let dir = test_dir("rlscost-policy");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("policy.toml"), policy).unwrap();
+        let mut config = config(&pg);
+        config.policy = Some(dir.join("policy.toml"));
+        let server = start_server(config).await;
+        let mut clients = Vec::new();
+        for i in 0..PATIENTS {
+            let mut client = Client::connect(server.addr, None, true).await;
+            let reply = client
+                .join("realtime:m", json!([binding("*", "messages", None)]), Some(&patient(&format!("p{i}"))))
+                .await;
+            assert_eq!(reply["status"], "ok");
+            clients.push(client);
+        }
+        let started = std::time::Instant::now();
+        pg.exec(&format!(
+            "INSERT INTO messages SELECT g, 'p' || (g % {PATIENTS}), 'x' FROM generate_series(1, {ROWS}) g"
+        ))
+        .await;
+        let mut total = 0;
+        for client in clients.iter_mut() {
+            total += client.changes(ROWS / PATIENTS, Duration::from_secs(60)).await.len();
+        }
+        let elapsed = started.elapsed();
+        assert_eq!(total, ROWS);
+        println!(
+            "{mode}: {ROWS} changes x {PATIENTS} candidate subscribers, all delivered in {:.1} ms = {:.3} ms per change",
+            elapsed.as_secs_f64() * 1000.0,
+            elapsed.as_secs_f64() * 1000.0 / ROWS as f64
+        );
+    }
+}

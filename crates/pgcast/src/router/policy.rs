@@ -725,10 +725,11 @@ impl BoundPolicy {
     }
 
     /// The equality condition to index the subscription by, when there is exactly one rule and
-    /// it pins a column.
+    /// it pins a column. The rule's own conditions come after the table's tenant conditions and
+    /// are the more selective (one patient rather than a whole clinic), so the last one wins.
     pub fn index_condition(&self) -> Option<&Filter> {
         match self.rules.as_slice() {
-            [rule] => rule.conditions.iter().find(|c| c.eq_key().is_some()),
+            [rule] => rule.conditions.iter().rev().find(|c| c.eq_key().is_some()),
             _ => None,
         }
     }
