@@ -21,6 +21,8 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
 pub const DEFAULT_MAX_MESSAGES_PER_SECOND: u32 = 100;
 pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 100;
 pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 50;
+pub const DEFAULT_HISTORY_MAX_CHANGES: usize = 10_000;
+pub const DEFAULT_HISTORY_MAX_AGE_SECS: u64 = 600;
 const MIN_JWT_SECRET_LEN: usize = 16;
 
 /// A configuration value that is missing or wrong; the message names the key and how to fix it.
@@ -64,6 +66,8 @@ struct FileConfig {
     max_messages_per_second: Option<u32>,
     max_channels_per_connection: Option<usize>,
     max_connections_per_user: Option<usize>,
+    history_max_changes: Option<usize>,
+    history_max_age_secs: Option<u64>,
 }
 
 /// Validated configuration for one server.
@@ -91,6 +95,8 @@ pub struct Config {
     pub max_channels_per_connection: usize,
     /// Connections one user (`sub`) may have at once.
     pub max_connections_per_user: usize,
+    /// How much history resuming clients can be served from (and how much WAL is kept for it).
+    pub retention: crate::log::Retention,
 }
 
 impl std::fmt::Debug for Config {
@@ -107,6 +113,7 @@ impl std::fmt::Debug for Config {
             .field("max_messages_per_second", &self.max_messages_per_second)
             .field("max_channels_per_connection", &self.max_channels_per_connection)
             .field("max_connections_per_user", &self.max_connections_per_user)
+            .field("retention", &self.retention)
             .finish_non_exhaustive()
     }
 }
@@ -156,6 +163,13 @@ impl Config {
         check_identifier("publication", &publication)?;
         let slot = overrides.slot.or(from_file.slot).unwrap_or_else(|| DEFAULT_SLOT.to_string());
         check_identifier("slot", &slot)?;
+        if slot.len() > 55 {
+            // pgcast also creates `<slot>_history`, which must fit PostgreSQL's 63 characters.
+            return Err(ConfigError::Invalid {
+                key: "slot",
+                message: "must be at most 55 characters".into(),
+            });
+        }
         let policy = overrides.policy.or(from_file.policy);
         let outbound_queue = from_file.outbound_queue.unwrap_or(DEFAULT_OUTBOUND_QUEUE);
         if !(16..=1_000_000).contains(&outbound_queue) {
@@ -193,6 +207,20 @@ impl Config {
                 return Err(ConfigError::Invalid { key, message: "must be at least 1".into() });
             }
         }
+        let history_max_changes = from_file.history_max_changes.unwrap_or(DEFAULT_HISTORY_MAX_CHANGES);
+        if !(1..=10_000_000).contains(&history_max_changes) {
+            return Err(ConfigError::Invalid {
+                key: "history_max_changes",
+                message: "must be between 1 and 10000000".into(),
+            });
+        }
+        let history_max_age_secs = from_file.history_max_age_secs.unwrap_or(DEFAULT_HISTORY_MAX_AGE_SECS);
+        if !(1..=7 * 24 * 3600).contains(&history_max_age_secs) {
+            return Err(ConfigError::Invalid {
+                key: "history_max_age_secs",
+                message: "must be between 1 and 604800 (a week)".into(),
+            });
+        }
         Ok(Config {
             database_url,
             listen,
@@ -207,6 +235,10 @@ impl Config {
             max_messages_per_second,
             max_channels_per_connection,
             max_connections_per_user,
+            retention: crate::log::Retention {
+                max_changes: history_max_changes,
+                max_age: Duration::from_secs(history_max_age_secs),
+            },
         })
     }
 }

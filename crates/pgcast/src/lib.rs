@@ -15,6 +15,7 @@ pub mod db;
 pub mod demo;
 pub mod http;
 pub mod local_postgres;
+pub mod log;
 pub mod presence;
 pub mod protocol;
 pub mod rls;

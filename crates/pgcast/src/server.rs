@@ -27,6 +27,7 @@ use crate::capture::replication::{self, ReplicationSource, ReplicationStatus};
 use crate::capture::{format_lsn, Progress};
 use crate::config::Config;
 use crate::db::{Db, DbError};
+use crate::log::History;
 use crate::presence::Presence;
 use crate::protocol::phoenix::{self, Vsn};
 use crate::router::index::Subscription;
@@ -52,6 +53,8 @@ pub enum ServerError {
     Metrics(String),
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Retention(#[from] crate::capture::retention::RetentionError),
 }
 
 /// Everything a request or a session needs, shared.
@@ -64,6 +67,10 @@ pub struct AppState {
     pub policy: Arc<Policy>,
     pub hub: Hub,
     pub presence: Presence,
+    /// Row-level security checks, when a table is in RLS mode.
+    pub rls: Option<Arc<crate::rls::RlsChecker>>,
+    /// Recent changes for resuming clients; the router appends under this lock.
+    pub history: Arc<tokio::sync::Mutex<History>>,
     pub audit: AuditLog,
     pub replication: Arc<ReplicationStatus>,
     pub progress: Arc<Progress>,
@@ -165,6 +172,7 @@ pub struct RunningServer {
     replication: JoinHandle<u64>,
     router: JoinHandle<()>,
     upkeep: JoinHandle<()>,
+    keeper: JoinHandle<()>,
     /// Fired last, after sessions recorded their leaves, so the audit writer flushes them.
     audit_trigger: ShutdownTrigger,
     audit_writer: JoinHandle<()>,
@@ -223,6 +231,16 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 
     let (trigger, shutdown) = shutdown::channel();
     let progress = Progress::new();
+    let rls = if policy.tables().any(|(_, t)| t.mode == crate::router::policy::Mode::Rls) {
+        crate::rls::ensure_function(&db).await?;
+        // Its own connection: RLS checks are on the routing path and must not queue behind
+        // catalog, audit or history-slot queries.
+        Some(Arc::new(crate::rls::RlsChecker::new(Arc::new(Db::new(&config.database_url)))))
+    } else {
+        None
+    };
+    let history =
+        Arc::new(tokio::sync::Mutex::new(History::new(crate::demo::random_secret(), config.retention, 0)));
     let index = Arc::new(RwLock::new(Index::default()));
     let status = Arc::new(ReplicationStatus::default());
     let state = Arc::new(AppState {
@@ -233,6 +251,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         policy: Arc::new(policy),
         hub: Hub::default(),
         presence: Presence::default(),
+        history: history.clone(),
+        rls: rls.clone(),
         audit,
         replication: status.clone(),
         progress: progress.clone(),
@@ -247,13 +267,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     });
 
     let (changes_tx, changes_rx) = mpsc::channel(ROUTER_QUEUE);
-    let rls = if state.policy.tables().any(|(_, t)| t.mode == crate::router::policy::Mode::Rls) {
-        crate::rls::ensure_function(&db).await?;
-        Some(Arc::new(crate::rls::RlsChecker::new(db.clone())))
-    } else {
-        None
-    };
-    let router = tokio::spawn(router::run(changes_rx, index, progress.clone(), rls));
+    let router = tokio::spawn(router::run(changes_rx, index, history, progress.clone(), rls, 0));
     let source = ReplicationSource {
         database_url: state.config.database_url.clone(),
         slot: state.config.slot.clone(),
@@ -271,9 +285,27 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             tracing::error!(error = %e, "HTTP server failed");
         }
     });
+    let keeper = crate::capture::retention::Keeper {
+        // Its own connection: advancing the slot decodes WAL and may take a while.
+        db: Arc::new(Db::new(&state.config.database_url)),
+        slot: state.config.slot.clone(),
+        progress: state.progress.clone(),
+    };
+    let keeper = tokio::spawn(keeper.run(shutdown.clone()));
     let upkeep = tokio::spawn(upkeep(state.clone(), shutdown));
     tracing::info!(listen = %addr, "pgcast listening");
-    Ok(RunningServer { addr, state, trigger, http, replication, router, upkeep, audit_trigger, audit_writer })
+    Ok(RunningServer {
+        addr,
+        state,
+        trigger,
+        http,
+        replication,
+        router,
+        upkeep,
+        keeper,
+        audit_trigger,
+        audit_writer,
+    })
 }
 
 /// Keeps gauges fresh and runs the exporter's upkeep.
@@ -324,6 +356,12 @@ impl RunningServer {
         // The replication task dropped its sender: the router drains what it has and stops.
         let _ = self.router.await;
         let _ = self.upkeep.await;
+        let _ = self.keeper.await;
+        let history_slot = crate::capture::retention::history_slot_name(&self.state.config.slot);
+        let floor = self.state.progress.confirmable();
+        if let Err(e) = publication::confirm_slot(&self.state.db, &history_slot, floor).await {
+            tracing::warn!(error = %e, "could not advance the history slot at shutdown");
+        }
         self.audit_trigger.trigger();
         let _ = self.audit_writer.await;
         let handled = self.state.progress.handled();

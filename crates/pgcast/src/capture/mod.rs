@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod decode;
 pub mod publication;
 pub mod replication;
+pub mod retention;
 pub mod value;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -158,6 +159,9 @@ impl Row {
 #[derive(Debug, Default)]
 pub struct Progress {
     handled: AtomicU64,
+    /// 0, or the commit LSN of the oldest transaction the history retains: the history slot is
+    /// not advanced past it, so a restart can read it again.
+    hold: AtomicU64,
 }
 
 impl Progress {
@@ -172,5 +176,23 @@ impl Progress {
 
     pub fn handled(&self) -> Lsn {
         self.handled.load(Ordering::Acquire)
+    }
+
+    /// Sets (or with `None` lifts) the hold of the retained history.
+    pub fn hold(&self, oldest_retained_commit: Option<Lsn>) {
+        self.hold.store(oldest_retained_commit.unwrap_or(0), Ordering::Release);
+    }
+
+    /// How far the history slot may be advanced now: handled, but not past the history's hold.
+    pub fn confirmable(&self) -> Lsn {
+        self.confirmable_with(self.handled())
+    }
+
+    /// [`Progress::confirmable`] for a given handled position.
+    pub fn confirmable_with(&self, handled: Lsn) -> Lsn {
+        match self.hold.load(Ordering::Acquire) {
+            0 => handled,
+            hold => handled.min(hold),
+        }
     }
 }

@@ -19,7 +19,8 @@ use std::sync::{Arc, RwLock};
 use axum::extract::ws::{Message, Utf8Bytes};
 use tokio::sync::mpsc;
 
-use crate::capture::{Change, Progress, Transaction};
+use crate::capture::{Change, Lsn, Progress, Transaction};
+use crate::log::{History, Position};
 use crate::protocol::phoenix::{self, Vsn};
 use crate::session::{Outbound, SessionHandle};
 use index::{Index, Subscription};
@@ -28,19 +29,45 @@ use policy::{RlsIdentity, Visibility, FULL_SHAPE_ID, LEFT_VIEW_SHAPE_ID};
 
 use crate::rls::RlsChecker;
 
-/// Routes until the capture side closes the channel. `rls` is set when a table uses
-/// row-level security mode.
+/// Routes until the capture side closes the channel. Each transaction is appended to the
+/// history and routed while the history lock is held, so a resuming session (which snapshots
+/// the history and subscribes under the same lock) sees every change exactly once: replayed or
+/// live. Transactions ending at or before `live_from` were delivered before a restart: they
+/// rebuild the history only. `rls` is set when a table uses row-level security mode.
 pub async fn run(
     mut changes: mpsc::Receiver<Transaction>,
     index: Arc<RwLock<Index>>,
+    history: Arc<tokio::sync::Mutex<History>>,
     progress: Arc<Progress>,
     rls: Option<Arc<RlsChecker>>,
+    live_from: Lsn,
 ) {
     let mut fanout = Fanout::default();
-    while let Some(tx) = changes.recv().await {
-        for change in &tx.changes {
-            fanout.route(&tx, change, &index, rls.as_deref()).await;
+    let mut prune = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        let tx = tokio::select! {
+            tx = changes.recv() => match tx {
+                Some(tx) => Arc::new(tx),
+                None => return,
+            },
+            _ = prune.tick() => {
+                history.lock().await.prune(crate::server::now_micros(), &progress);
+                continue;
+            }
+        };
+        let mut history = history.lock().await;
+        history.append(tx.clone(), crate::server::now_micros(), &progress);
+        if tx.end_lsn > live_from {
+            let epoch = history.epoch().to_string();
+            for (i, change) in tx.changes.iter().enumerate() {
+                let position = Position { lsn: tx.commit_lsn, index: i as u32 };
+                let mut deliver = |session: &Arc<SessionHandle>, message: Message| {
+                    session.deliver(Outbound { message, commit_time_micros: tx.commit_time_micros })
+                };
+                fanout.route(&tx, change, position, &epoch, &index, rls.as_deref(), &mut deliver).await;
+            }
         }
+        drop(history);
         progress.mark_handled(tx.end_lsn);
     }
 }
@@ -70,13 +97,17 @@ fn shape_id(visibility: &Visibility) -> u32 {
 }
 
 impl Fanout {
-    /// Delivers one change; returns how many connections it was queued for.
+    /// Delivers one change through `deliver`; returns how many connections accepted it.
+    #[allow(clippy::too_many_arguments)]
     pub async fn route(
         &mut self,
         tx: &Transaction,
         change: &Change,
+        position: Position,
+        epoch: &str,
         index: &RwLock<Index>,
         rls: Option<&RlsChecker>,
+        deliver: &mut (dyn FnMut(&Arc<SessionHandle>, Message) -> bool + Send),
     ) -> usize {
         self.matched.clear();
         match index.read() {
@@ -118,7 +149,7 @@ impl Fanout {
                             Visibility::Visible(None) | Visibility::Hidden => View::Full,
                             Visibility::NeedsRls(spec, _) => View::Shaped(spec),
                         };
-                        payload::change_data(tx, change, view)
+                        payload::change_data(tx, change, view, position, epoch)
                     });
                     let body = payload::message_payload(ids, data);
                     let text: Utf8Bytes =
@@ -127,9 +158,7 @@ impl Fanout {
                     text
                 }
             };
-            let message =
-                Outbound { message: Message::Text(text), commit_time_micros: tx.commit_time_micros };
-            if session.deliver(message) {
+            if deliver(session, Message::Text(text)) {
                 delivered += 1;
             }
         }

@@ -8,6 +8,7 @@ use crate::capture::value::write_json_string;
 use crate::capture::{Change, ChangeKind, Column, Transaction, Value};
 
 use super::policy::{Shape, ShapeSpec};
+use crate::log::Position;
 
 /// What of a change one group of subscribers receives.
 #[derive(Debug, Clone, Copy)]
@@ -37,8 +38,15 @@ impl View<'_> {
     }
 }
 
-/// Serializes the `data` object of a change as `view` allows.
-pub fn change_data(tx: &Transaction, change: &Change, view: View<'_>) -> String {
+/// Serializes the `data` object of a change as `view` allows. `position` and `epoch` go in a
+/// `pgcast` field realtime-js ignores and pgcast's SDK resumes from.
+pub fn change_data(
+    tx: &Transaction,
+    change: &Change,
+    view: View<'_>,
+    position: Position,
+    epoch: &str,
+) -> String {
     let relation = &change.relation;
     let left_view = matches!(view, View::LeftView(_));
     let kind = if left_view { ChangeKind::Delete } else { change.kind };
@@ -124,7 +132,11 @@ pub fn change_data(tx: &Transaction, change: &Change, view: View<'_>) -> String 
         }
         out.push(']');
     }
-    out.push_str(",\"errors\":null}");
+    out.push_str(",\"pgcast\":{\"position\":\"");
+    out.push_str(&position.to_string());
+    out.push_str("\",\"epoch\":");
+    write_json_string(epoch, &mut out);
+    out.push_str("},\"errors\":null}");
     out
 }
 

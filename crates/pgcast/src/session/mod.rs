@@ -24,9 +24,12 @@ use tokio::time::Instant;
 
 use crate::audit::{Action, AuditEvent};
 use crate::auth::{AuthError, Claims};
+use crate::capture::Transaction;
+use crate::log::{Position, ResyncReason};
 use crate::protocol::phoenix::{self, Frame, Vsn};
-use crate::router::index::Subscription;
+use crate::router::index::{Index, Subscription};
 use crate::router::policy::ChannelAccess;
+use crate::router::Fanout;
 use crate::server::AppState;
 
 mod messages;
@@ -439,7 +442,26 @@ impl Session {
                 Ok(result) => result,
                 Err(reason) => return self.refuse_join(&frame, &claims, reason).await,
             };
-        self.state.index_insert(&subscriptions);
+        let resume = match parse_resume(&frame.payload) {
+            Ok(resume) => resume,
+            Err(reason) => return self.refuse_join(&frame, &claims, reason).await,
+        };
+        // Snapshot the history and go live under the history lock: the router appends and
+        // routes under it too, so every change is either in the snapshot or delivered live.
+        let replay = match &resume {
+            Some((epoch, position)) => {
+                let history = self.state.history.lock().await;
+                let result = history.since(epoch, *position);
+                let current_epoch = history.epoch().to_string();
+                self.state.index_insert(&subscriptions);
+                drop(history);
+                Some((result, current_epoch))
+            }
+            None => {
+                self.state.index_insert(&subscriptions);
+                None
+            }
+        };
         let config = |pointer: &str| frame.payload.pointer(pointer);
         let receive_own = config("/config/broadcast/self").and_then(Value::as_bool).unwrap_or(false);
         let ack = config("/config/broadcast/ack").and_then(Value::as_bool).unwrap_or(false);
@@ -497,10 +519,71 @@ impl Session {
             );
             self.send_text(text).await?;
         }
+        if let Some((result, epoch)) = replay {
+            self.replay(&frame, result, &epoch).await?;
+        }
         if presence_enabled {
             self.sync_presence(&frame.topic).await?;
         }
         Ok(())
+    }
+
+    /// Sends a resuming channel what it missed (written before anything queued live), or tells
+    /// it to resync.
+    async fn replay(
+        &mut self,
+        frame: &Frame,
+        entries: Result<Vec<(Position, Arc<Transaction>, usize)>, ResyncReason>,
+        epoch: &str,
+    ) -> Result<(), axum::Error> {
+        let vsn = self.handle.vsn;
+        let topic = frame.topic.as_str();
+        let entries = match entries {
+            Ok(entries) => entries,
+            Err(reason) => {
+                metrics::counter!("pgcast_resyncs_total").increment(1);
+                let payload = json!({
+                    "message": format!("resync required: {reason}"),
+                    "status": "resync_required",
+                    "extension": "pgcast",
+                    "channel": channel_name(topic),
+                    "epoch": epoch,
+                });
+                let text = phoenix::encode(vsn, frame.join_ref.as_deref(), None, topic, "system", &payload);
+                return self.send_text(text).await;
+            }
+        };
+        let subscriptions = self.channels.get(topic).map(|c| c.subscriptions.clone()).unwrap_or_default();
+        let mut index = Index::default();
+        for sub in subscriptions {
+            index.insert(sub);
+        }
+        let index = std::sync::RwLock::new(index);
+        let mut fanout = Fanout::default();
+        let mut messages = Vec::new();
+        for (position, tx, i) in &entries {
+            let mut collect = |_: &Arc<SessionHandle>, message: Message| {
+                messages.push(message);
+                true
+            };
+            let rls = self.state.rls.as_deref();
+            fanout.route(tx, &tx.changes[*i], *position, epoch, &index, rls, &mut collect).await;
+        }
+        let replayed = messages.len();
+        for message in messages {
+            self.socket.feed(message).await?;
+        }
+        self.socket.flush().await?;
+        metrics::counter!("pgcast_replayed_total").increment(replayed as u64);
+        let payload = json!({
+            "message": format!("resumed: {replayed} missed changes replayed"),
+            "status": "ok",
+            "extension": "pgcast",
+            "channel": channel_name(topic),
+            "epoch": epoch,
+        });
+        let text = phoenix::encode(vsn, frame.join_ref.as_deref(), None, topic, "system", &payload);
+        self.send_text(text).await
     }
 
     async fn refuse_join(
@@ -624,6 +707,15 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
+}
+
+/// `config.resume: {position, epoch}` of a join: where a returning client left off.
+fn parse_resume(payload: &Value) -> Result<Option<(String, Position)>, String> {
+    let Some(resume) = payload.pointer("/config/resume").filter(|v| !v.is_null()) else { return Ok(None) };
+    let position =
+        resume.get("position").and_then(Value::as_str).ok_or("config.resume needs a position string")?;
+    let epoch = resume.get("epoch").and_then(Value::as_str).ok_or("config.resume needs an epoch string")?;
+    Ok(Some((epoch.to_string(), position.parse()?)))
 }
 
 /// `realtime:room1` -> `room1`.
