@@ -239,8 +239,13 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     } else {
         None
     };
-    let history =
-        Arc::new(tokio::sync::Mutex::new(History::new(crate::demo::random_secret(), config.retention, 0)));
+    let rebuilt =
+        crate::capture::retention::rebuild(&db, &catalog, &config.slot, &config.publication).await?;
+    let mut restored = History::new(rebuilt.epoch, config.retention, rebuilt.start);
+    for tx in rebuilt.transactions {
+        restored.append(Arc::new(tx), now_micros(), &progress);
+    }
+    let history = Arc::new(tokio::sync::Mutex::new(restored));
     let index = Arc::new(RwLock::new(Index::default()));
     let status = Arc::new(ReplicationStatus::default());
     let state = Arc::new(AppState {

@@ -152,3 +152,106 @@ async fn a_position_older_than_the_history_or_another_epoch_gets_resync_required
     let reply = client.reply(&r).await;
     assert!(reply["payload"]["response"]["reason"].as_str().unwrap().contains("invalid position"), "{reply}");
 }
+
+fn spawn_server(pg: &Pg, port: u16, config_file: Option<&std::path::Path>) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcast"));
+    cmd.arg("serve")
+        .env("PGCAST_DATABASE_URL", pg.url())
+        .env("PGCAST_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PGCAST_JWT_SECRET", SECRET)
+        .env("PGCAST_LOG", "warn")
+        .kill_on_drop(true);
+    if let Some(path) = config_file {
+        cmd.env("PGCAST_CONFIG", path);
+    }
+    cmd.spawn().expect("spawn pgcast")
+}
+
+#[tokio::test]
+async fn history_survives_a_killed_server_and_what_was_committed_meanwhile_is_replayed() {
+    let pg = Pg::start("durable").await;
+    pg.publish("CREATE TABLE ticks (id int PRIMARY KEY)", &["ticks"]).await;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let service = token("service_role", 600);
+
+    let mut server = spawn_server(&pg, port, None);
+    wait_ready(&base).await;
+    let mut client = Client::connect(addr, Some(&service), true).await;
+    join(&mut client, None).await;
+    pg.exec("INSERT INTO ticks VALUES (1); INSERT INTO ticks VALUES (2); INSERT INTO ticks VALUES (3);")
+        .await;
+    let (_, position, epoch) = ticks(&mut client, 3).await.remove(2);
+    drop(client);
+    pg.exec("INSERT INTO ticks VALUES (4)").await; // missed while the client was away
+    server.start_kill().unwrap();
+    server.wait().await.unwrap();
+    pg.exec("INSERT INTO ticks VALUES (5); INSERT INTO ticks VALUES (6);").await; // while the server is down
+
+    let mut server = spawn_server(&pg, port, None);
+    wait_ready(&base).await;
+    let mut client = Client::connect(addr, Some(&service), true).await;
+    join(&mut client, Some((&position, &epoch))).await;
+    let replayed = ticks(&mut client, 3).await;
+    let ids: Vec<i64> = replayed.iter().map(|t| t.0).collect();
+    assert_eq!(ids, [4, 5, 6], "exactly what was missed, across the restart");
+    assert!(replayed.iter().all(|t| t.2 == epoch), "the epoch is stable across restarts");
+    let notice =
+        client.expect("resumed", |v| v["event"] == "system" && v["payload"]["extension"] == "pgcast").await;
+    assert_eq!(notice["payload"]["status"], "ok", "{notice}");
+    pg.exec("INSERT INTO ticks VALUES (7)").await;
+    assert_eq!(ticks(&mut client, 1).await[0].0, 7);
+    server.start_kill().ok();
+}
+
+/// The history slot's confirmed position, and whether it has reached `target`.
+async fn history_slot_at(sql: &tokio_postgres::Client, target: &str) -> bool {
+    sql.query_one(
+        "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'pgcast_history'",
+        &[&target],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test]
+async fn wal_kept_for_history_stays_within_retention_with_no_client_connected() {
+    let (pg, server) = setup("walbound", |c| {
+        c.retention.max_changes = 5;
+        c.retention.max_age = Duration::from_secs(2);
+    })
+    .await;
+    let sql = pg.client().await;
+    let mut commits = Vec::new();
+    for id in 1..=20 {
+        sql.execute("INSERT INTO ticks VALUES ($1)", &[&id]).await.unwrap();
+        let lsn: String = sql.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+        commits.push(lsn);
+    }
+    // By count: only the last 5 changes are retained, so the slot moves past the first 15.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !history_slot_at(&sql, &commits[14]).await {
+        assert!(std::time::Instant::now() < deadline, "history slot held more than 5 changes");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!history_slot_at(&sql, &commits[19]).await, "the last 5 are still held for resuming clients");
+    // By age: after 2 s nothing is retained, and the slot releases everything.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !history_slot_at(&sql, &commits[19]).await {
+        assert!(std::time::Instant::now() < deadline, "history slot held changes past their age");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let retained: i64 = sql
+        .query_one(
+            "SELECT (pg_current_wal_lsn() - min(restart_lsn))::bigint FROM pg_replication_slots \
+             WHERE slot_name LIKE 'pgcast%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    println!("WAL retained behind pgcast's slots after the retention window: {retained} bytes");
+    drop(server);
+}
