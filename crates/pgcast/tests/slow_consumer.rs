@@ -39,9 +39,35 @@ async fn a_client_that_stops_reading_is_cut_off_and_others_are_not() {
     assert_eq!(received.len(), ROWS, "the reading client gets every change");
 
     // Now the slow client reads: what was already queued, then a close frame with the reason.
-    let close = slow.expect("close frame", |v| v["event"] == "__close").await;
+    let mut got: Vec<i64> = Vec::new();
+    let mut from = None;
+    let close = loop {
+        let frame = slow.next(DEADLINE).await.expect("frames until the close");
+        if frame["event"] == "postgres_changes" {
+            let data = &frame["payload"]["data"];
+            got.push(data["record"]["id"].as_i64().unwrap());
+            from = Some(data["pgcast"].clone());
+        }
+        if frame["event"] == "__close" {
+            break frame;
+        }
+    };
     assert_eq!(close["code"], 4000, "{close}");
     assert!(close["reason"].as_str().unwrap().starts_with("slow consumer"), "{close}");
+    assert!(got.len() < ROWS, "it was cut off before the end");
+
+    // Because of resume it loses nothing: it comes back from its last position.
+    let from = from.expect("it received something before the cut");
+    let mut back = Client::connect(server.addr, Some(&service), true).await;
+    let payload = json!({"config": {
+        "postgres_changes": [binding("*", "feed", None)],
+        "resume": {"position": from["position"], "epoch": from["epoch"]},
+    }});
+    let r = back.push("realtime:feed", "phx_join", payload).await;
+    assert_eq!(back.reply(&r).await["payload"]["status"], "ok");
+    let rest = back.changes(ROWS - got.len(), DEADLINE * 2).await;
+    got.extend(rest.iter().map(|c| c["data"]["record"]["id"].as_i64().unwrap()));
+    assert_eq!(got, (1..=ROWS as i64).collect::<Vec<_>>(), "every change exactly once across the cut");
 
     let (_, metrics) = http_get(&format!("http://{}/metrics", server.addr)).await.unwrap();
     assert!(metrics.contains("pgcast_slow_consumers_total 1"), "{metrics}");
