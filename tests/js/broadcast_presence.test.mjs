@@ -47,6 +47,7 @@ for (const vsn of ['1.0.0', '2.0.0']) {
     await waitFor('alice, bob and carol get x=1', () => [a, b, c].every((m) => m.got.length === 1));
     assert.deepEqual(b.got[0].payload, { x: 1 });
     assert.equal(b.got[0].event, 'cursor');
+    assert.equal(typeof b.got[0].meta?.seq, 'number', 'pgcast sequence in meta, both serializers');
 
     await b.channel.send({ type: 'broadcast', event: 'cursor', payload: { x: 2 } });
     await waitFor('alice and carol get x=2', () => a.got.length === 2 && c.got.length === 2);

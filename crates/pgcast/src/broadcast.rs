@@ -5,8 +5,9 @@
 //! member's bounded queue (vsn 2.0.0 members get realtime-js's binary user-broadcast frame).
 //! Presence state lives in `presence`; postgres_changes never pass through here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
@@ -33,10 +34,40 @@ pub enum BroadcastPayload {
     Binary(Bytes),
 }
 
-/// Topic -> members.
+/// Recent broadcasts kept per topic for resuming members.
+const RECENT_PER_TOPIC: usize = 1000;
+
+#[derive(Debug, Clone)]
+struct Recent {
+    seq: u64,
+    event: Arc<str>,
+    payload: BroadcastPayload,
+    at: Instant,
+}
+
 #[derive(Default)]
+struct Topic {
+    members: HashMap<u64, Member>,
+    /// Sequence of the last broadcast on this topic (1, 2, ...).
+    seq: u64,
+    recent: VecDeque<Recent>,
+}
+
+/// Topic -> members, sequence and recent broadcasts.
 pub struct Hub {
-    topics: RwLock<HashMap<Arc<str>, HashMap<u64, Member>>>,
+    topics: RwLock<HashMap<Arc<str>, Topic>>,
+    /// Broadcast history lives in memory: a new server is a new epoch.
+    epoch: String,
+    max_age: Duration,
+}
+
+/// Why a broadcast resume cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BroadcastResync {
+    #[error("broadcast epoch {0:?} is not the current one (the server restarted)")]
+    Epoch(String),
+    #[error("broadcast {0} is older than the broadcasts kept for this topic")]
+    TooOld(u64),
 }
 
 /// realtime-js binary frame kinds (lib/serializer.js).
@@ -46,25 +77,66 @@ const ENCODING_BINARY: u8 = 0;
 const ENCODING_JSON: u8 = 1;
 
 impl Hub {
-    pub fn join(&self, topic: &Arc<str>, member: Member) {
-        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
-        topics.entry(topic.clone()).or_default().insert(member.session.id, member);
+    pub fn new(max_age: Duration) -> Hub {
+        Hub { topics: RwLock::new(HashMap::new()), epoch: crate::demo::random_secret(), max_age }
     }
 
-    pub fn leave(&self, topic: &str, session: u64) {
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    pub fn join(&self, topic: &Arc<str>, member: Member) {
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(members) = topics.get_mut(topic) {
-            members.remove(&session);
-            if members.is_empty() {
-                topics.remove(topic);
-            }
+        topics.entry(topic.clone()).or_default().members.insert(member.session.id, member);
+    }
+
+    /// Joins and returns what the member missed after broadcast `seq` of `epoch`, encoded for
+    /// it, atomically with respect to new broadcasts (so nothing is missed or doubled).
+    pub fn join_resuming(
+        &self,
+        topic: &Arc<str>,
+        member: Member,
+        seq: u64,
+        epoch: &str,
+    ) -> Result<Vec<Message>, BroadcastResync> {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let vsn = member.session.vsn;
+        let state = topics.entry(topic.clone()).or_default();
+        let can_read = member.can_read;
+        state.members.insert(member.session.id, member);
+        if epoch != self.epoch {
+            return Err(BroadcastResync::Epoch(epoch.to_string()));
         }
+        let oldest_kept = state.recent.front().map(|r| r.seq).unwrap_or(state.seq + 1);
+        if seq + 1 < oldest_kept && seq < state.seq {
+            return Err(BroadcastResync::TooOld(seq));
+        }
+        if !can_read {
+            return Ok(Vec::new());
+        }
+        let stamp = |r: &Recent| Stamp { seq: r.seq, epoch: &self.epoch };
+        Ok(state
+            .recent
+            .iter()
+            .filter(|r| r.seq > seq)
+            .filter_map(|r| encode_broadcast(vsn, topic, &r.event, &r.payload, stamp(r)))
+            .collect())
     }
 
     /// Whether the member asked for its own broadcasts (`config.broadcast.self`).
     pub fn receives_own(&self, topic: &str, session: u64) -> bool {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
-        topics.get(topic).and_then(|m| m.get(&session)).is_some_and(|m| m.receive_own)
+        topics.get(topic).and_then(|t| t.members.get(&session)).is_some_and(|m| m.receive_own)
+    }
+
+    pub fn leave(&self, topic: &str, session: u64) {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = topics.get_mut(topic) {
+            state.members.remove(&session);
+            if state.members.is_empty() && state.recent.is_empty() {
+                topics.remove(topic);
+            }
+        }
     }
 
     /// Members allowed to read `topic`, for presence delivery.
@@ -72,8 +144,20 @@ impl Hub {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
         topics
             .get(topic)
-            .map(|members| members.values().filter(|m| m.can_read).map(|m| m.session.clone()).collect())
+            .map(|t| t.members.values().filter(|m| m.can_read).map(|m| m.session.clone()).collect())
             .unwrap_or_default()
+    }
+
+    /// Drops broadcasts past their age, and topics with neither members nor history.
+    pub fn prune(&self) {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let max_age = self.max_age;
+        topics.retain(|_, state| {
+            while state.recent.front().is_some_and(|r| r.at.elapsed() > max_age) {
+                state.recent.pop_front();
+            }
+            !state.members.is_empty() || !state.recent.is_empty()
+        });
     }
 
     /// Sends a broadcast to every reader of `topic` (the sender only if it asked for its own).
@@ -85,22 +169,35 @@ impl Hub {
         event: &str,
         payload: &BroadcastPayload,
     ) -> usize {
-        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
-        let Some(members) = topics.get(topic) else { return 0 };
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let state = match topics.get_mut(topic) {
+            Some(state) => state,
+            None => topics.entry(Arc::from(topic)).or_default(),
+        };
+        state.seq += 1;
+        let seq = state.seq;
+        state.recent.push_back(Recent {
+            seq,
+            event: Arc::from(event),
+            payload: payload.clone(),
+            at: Instant::now(),
+        });
+        while state.recent.len() > RECENT_PER_TOPIC {
+            state.recent.pop_front();
+        }
+        let stamp = Stamp { seq, epoch: &self.epoch };
         let mut encoded: [Option<Message>; 2] = [None, None];
         let mut delivered = 0;
-        for member in members.values() {
+        for member in state.members.values() {
             if !member.can_read || (Some(member.session.id) == sender && !member.receive_own) {
                 continue;
             }
-            let slot = match member.session.vsn {
-                Vsn::V1 => 0,
-                Vsn::V2 => 1,
-            };
+            let slot = usize::from(member.session.vsn == Vsn::V2);
             let message = match &encoded[slot] {
                 Some(message) => message.clone(),
                 None => {
-                    let Some(message) = encode_broadcast(member.session.vsn, topic, event, payload) else {
+                    let Some(message) = encode_broadcast(member.session.vsn, topic, event, payload, stamp)
+                    else {
                         // Binary payloads cannot be carried by the JSON-object serializer.
                         continue;
                     };
@@ -118,18 +215,42 @@ impl Hub {
     }
 }
 
+/// A broadcast's place on its topic: realtime-js shows it as the message's `meta`.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp<'a> {
+    pub seq: u64,
+    pub epoch: &'a str,
+}
+
+impl Stamp<'_> {
+    fn meta_json(&self) -> String {
+        let mut meta = format!("{{\"seq\":{},\"epoch\":", self.seq);
+        write_json_string(self.epoch, &mut meta);
+        meta.push('}');
+        meta
+    }
+}
+
 /// The frame a member receives: JSON `broadcast` for vsn 1.0.0, the binary user-broadcast frame
 /// for vsn 2.0.0 (JSON when the topic or event is too long for its one-byte lengths).
-pub fn encode_broadcast(vsn: Vsn, topic: &str, event: &str, payload: &BroadcastPayload) -> Option<Message> {
-    if vsn == Vsn::V2 && topic.len() <= 255 && event.len() <= 255 {
+pub fn encode_broadcast(
+    vsn: Vsn,
+    topic: &str,
+    event: &str,
+    payload: &BroadcastPayload,
+    stamp: Stamp<'_>,
+) -> Option<Message> {
+    let meta = stamp.meta_json();
+    if vsn == Vsn::V2 && topic.len() <= 255 && event.len() <= 255 && meta.len() <= 255 {
         let (encoding, body): (u8, Bytes) = match payload {
             BroadcastPayload::Json(value) => (ENCODING_JSON, Bytes::from(value.to_string())),
             BroadcastPayload::Binary(bytes) => (ENCODING_BINARY, bytes.clone()),
         };
-        let mut frame = Vec::with_capacity(5 + topic.len() + event.len() + body.len());
-        frame.extend([KIND_USER_BROADCAST, topic.len() as u8, event.len() as u8, 0, encoding]);
+        let mut frame = Vec::with_capacity(5 + topic.len() + event.len() + meta.len() + body.len());
+        frame.extend([KIND_USER_BROADCAST, topic.len() as u8, event.len() as u8, meta.len() as u8, encoding]);
         frame.extend(topic.as_bytes());
         frame.extend(event.as_bytes());
+        frame.extend(meta.as_bytes());
         frame.extend(&body);
         return Some(Message::Binary(frame.into()));
     }
@@ -138,6 +259,8 @@ pub fn encode_broadcast(vsn: Vsn, topic: &str, event: &str, payload: &BroadcastP
     write_json_string(event, &mut body);
     body.push_str(",\"payload\":");
     body.push_str(&value.to_string());
+    body.push_str(",\"meta\":");
+    body.push_str(&meta);
     body.push('}');
     let text: Utf8Bytes = phoenix::encode_raw(vsn, None, None, topic, "broadcast", &body).into();
     Some(Message::Text(text))
@@ -200,6 +323,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    const STAMP: Stamp<'static> = Stamp { seq: 7, epoch: "e" };
+
     fn push(payload_encoding: u8, body: &[u8]) -> Vec<u8> {
         let (join_ref, msg_ref, topic, event) = ("1", "2", "realtime:room", "cursor");
         let mut frame = vec![3, 1, 1, topic.len() as u8, event.len() as u8, 0, payload_encoding];
@@ -231,21 +356,26 @@ mod tests {
     #[test]
     fn v2_members_get_the_binary_user_broadcast_frame() {
         let Some(Message::Binary(frame)) =
-            encode_broadcast(Vsn::V2, "realtime:r", "ev", &BroadcastPayload::Json(json!({"a": 1})))
+            encode_broadcast(Vsn::V2, "realtime:r", "ev", &BroadcastPayload::Json(json!({"a": 1})), STAMP)
         else {
             panic!("binary frame expected")
         };
-        assert_eq!(&frame[..5], &[4, 10, 2, 0, 1]);
+        let meta = br#"{"seq":7,"epoch":"e"}"#;
+        assert_eq!(&frame[..5], &[4, 10, 2, meta.len() as u8, 1]);
         assert_eq!(&frame[5..15], b"realtime:r");
         assert_eq!(&frame[15..17], b"ev");
-        assert_eq!(&frame[17..], br#"{"a":1}"#);
+        assert_eq!(&frame[17..17 + meta.len()], meta);
+        assert_eq!(&frame[17 + meta.len()..], br#"{"a":1}"#);
         let Some(Message::Text(text)) =
-            encode_broadcast(Vsn::V1, "realtime:r", "ev", &BroadcastPayload::Json(json!({"a": 1})))
+            encode_broadcast(Vsn::V1, "realtime:r", "ev", &BroadcastPayload::Json(json!({"a": 1})), STAMP)
         else {
             panic!("text frame expected")
         };
         let v: Value = serde_json::from_str(text.as_str()).unwrap();
-        assert_eq!(v["payload"], json!({"type": "broadcast", "event": "ev", "payload": {"a": 1}}));
-        assert!(encode_broadcast(Vsn::V1, "t", "e", &BroadcastPayload::Binary(Bytes::new())).is_none());
+        assert_eq!(
+            v["payload"],
+            json!({"type": "broadcast", "event": "ev", "payload": {"a": 1}, "meta": {"seq": 7, "epoch": "e"}})
+        );
+        assert!(encode_broadcast(Vsn::V1, "t", "e", &BroadcastPayload::Binary(Bytes::new()), STAMP).is_none());
     }
 }

@@ -254,7 +254,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         catalog: catalog.clone(),
         index: index.clone(),
         policy: Arc::new(policy),
-        hub: Hub::default(),
+        hub: Hub::new(config.retention.max_age),
         presence: Presence::default(),
         history: history.clone(),
         rls: rls.clone(),
@@ -322,6 +322,7 @@ async fn upkeep(state: Arc<AppState>, mut shutdown: Shutdown) {
             _ = shutdown.wait() => return,
         }
         update_gauges(&state);
+        state.hub.prune();
         state.metrics.run_upkeep();
     }
 }

@@ -60,7 +60,9 @@ async fn server_broadcast_needs_a_service_token_and_a_valid_body() {
     let (status, reply) = post(server.addr, "/realtime/v1/api/broadcast", Some(&service), body).await;
     assert_eq!(status, 202, "{reply}");
     let got = member.expect("broadcast", |v| v["event"] == "broadcast").await;
-    assert_eq!(got["payload"], json!({"type": "broadcast", "event": "paged", "payload": {"room": 4}}));
+    assert_eq!(got["payload"]["event"], "paged");
+    assert_eq!(got["payload"]["payload"], json!({"room": 4}));
+    assert_eq!(got["payload"]["meta"]["seq"], 1);
 }
 
 /// Joins with presence enabled, returns the `presence_state` received, and tracks.
@@ -177,4 +179,54 @@ async fn write_rights_on_private_channels_are_enforced_per_action() {
     assert!(notice["payload"]["reason"].as_str().unwrap().starts_with("malformed binary frame"), "{notice}");
     let r = client.push("phoenix", "heartbeat", json!({})).await;
     assert_eq!(client.reply(&r).await["payload"]["status"], "ok");
+}
+
+#[tokio::test]
+async fn broadcasts_carry_a_sequence_and_a_returning_member_gets_what_it_missed() {
+    let (_pg, server) = setup("broadcastresume", |_| {}).await;
+    let user = token("authenticated", 600);
+    let service = token("service_role", 60);
+    let send = |n: i64| {
+        let body = format!(r#"{{"messages":[{{"topic":"room","event":"n","payload":{{"n":{n}}}}}]}}"#);
+        let service = service.clone();
+        async move { post(server.addr, "/api/broadcast", Some(&service), &body).await }
+    };
+    let mut member = Client::connect(server.addr, Some(&user), false).await;
+    assert_eq!(member.join("realtime:room", json!([]), None).await["status"], "ok");
+    for n in 1..=2 {
+        assert_eq!(send(n).await.0, 202);
+    }
+    let mut last = json!(null);
+    for n in 1..=2 {
+        let got = member.expect("broadcast", |v| v["event"] == "broadcast").await;
+        assert_eq!(got["payload"]["payload"]["n"], n);
+        assert_eq!(got["payload"]["meta"]["seq"], n, "per-topic sequence");
+        last = got["payload"]["meta"].clone();
+    }
+    drop(member);
+    for n in 3..=4 {
+        assert_eq!(send(n).await.0, 202);
+    }
+    let mut back = Client::connect(server.addr, Some(&user), false).await;
+    let resume = json!({"config": {"resume": {"broadcast": {"seq": last["seq"], "epoch": last["epoch"]}}}});
+    let r = back.push("realtime:room", "phx_join", resume).await;
+    assert_eq!(back.reply(&r).await["payload"]["status"], "ok");
+    for n in 3..=4 {
+        let got = back.expect("missed broadcast", |v| v["event"] == "broadcast").await;
+        assert_eq!(got["payload"]["payload"]["n"], n);
+    }
+    let notice =
+        back.expect("resumed", |v| v["event"] == "system" && v["payload"]["scope"] == "broadcast").await;
+    assert_eq!(notice["payload"]["status"], "ok", "{notice}");
+    assert_eq!(send(5).await.0, 202);
+    let live = back.expect("live broadcast", |v| v["event"] == "broadcast").await;
+    assert_eq!(live["payload"]["meta"]["seq"], 5);
+
+    let mut stale = Client::connect(server.addr, Some(&user), false).await;
+    let resume = json!({"config": {"resume": {"broadcast": {"seq": 1, "epoch": "another-server"}}}});
+    let r = stale.push("realtime:room", "phx_join", resume).await;
+    stale.reply(&r).await;
+    let notice =
+        stale.expect("resync", |v| v["event"] == "system" && v["payload"]["scope"] == "broadcast").await;
+    assert_eq!(notice["payload"]["status"], "resync_required", "{notice}");
 }

@@ -470,10 +470,19 @@ impl Session {
             Some(key) if !key.is_empty() => key.to_string(),
             _ => crate::demo::random_secret(),
         };
-        self.state.hub.join(
-            &topic,
-            crate::broadcast::Member { session: self.handle.clone(), can_read: access.read, receive_own },
-        );
+        let member =
+            crate::broadcast::Member { session: self.handle.clone(), can_read: access.read, receive_own };
+        let broadcast_replay = match parse_broadcast_resume(&frame.payload) {
+            Ok(Some((seq, epoch))) => Some(self.state.hub.join_resuming(&topic, member, seq, &epoch)),
+            Ok(None) => {
+                self.state.hub.join(&topic, member);
+                None
+            }
+            Err(reason) => {
+                self.state.index_remove(&subscriptions);
+                return self.refuse_join(&frame, &claims, reason).await;
+            }
+        };
         let expires_at = Instant::now() + Duration::from_secs(claims.seconds_left());
         tracing::info!(
             session = self.handle.id,
@@ -522,10 +531,49 @@ impl Session {
         if let Some((result, epoch)) = replay {
             self.replay(&frame, result, &epoch).await?;
         }
+        if let Some(result) = broadcast_replay {
+            self.replay_broadcasts(&frame, result).await?;
+        }
         if presence_enabled {
             self.sync_presence(&frame.topic).await?;
         }
         Ok(())
+    }
+
+    /// Sends the broadcasts a resuming member missed, or tells it to resync them.
+    async fn replay_broadcasts(
+        &mut self,
+        frame: &Frame,
+        result: Result<Vec<Message>, crate::broadcast::BroadcastResync>,
+    ) -> Result<(), axum::Error> {
+        let topic = frame.topic.as_str();
+        let payload = match result {
+            Ok(messages) => {
+                let replayed = messages.len();
+                for message in messages {
+                    self.socket.feed(message).await?;
+                }
+                json!({
+                    "message": format!("resumed: {replayed} missed broadcasts replayed"),
+                    "status": "ok",
+                    "extension": "pgcast",
+                    "scope": "broadcast",
+                    "channel": channel_name(topic),
+                    "epoch": self.state.hub.epoch(),
+                })
+            }
+            Err(reason) => json!({
+                "message": format!("resync required: {reason}"),
+                "status": "resync_required",
+                "extension": "pgcast",
+                "scope": "broadcast",
+                "channel": channel_name(topic),
+                "epoch": self.state.hub.epoch(),
+            }),
+        };
+        let text =
+            phoenix::encode(self.handle.vsn, frame.join_ref.as_deref(), None, topic, "system", &payload);
+        self.send_text(text).await
     }
 
     /// Sends a resuming channel what it missed (written before anything queued live), or tells
@@ -712,10 +760,26 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 /// `config.resume: {position, epoch}` of a join: where a returning client left off.
 fn parse_resume(payload: &Value) -> Result<Option<(String, Position)>, String> {
     let Some(resume) = payload.pointer("/config/resume").filter(|v| !v.is_null()) else { return Ok(None) };
+    if resume.get("position").is_none() && resume.get("epoch").is_none() {
+        // Only `resume.broadcast` was given.
+        return Ok(None);
+    }
     let position =
         resume.get("position").and_then(Value::as_str).ok_or("config.resume needs a position string")?;
     let epoch = resume.get("epoch").and_then(Value::as_str).ok_or("config.resume needs an epoch string")?;
     Ok(Some((epoch.to_string(), position.parse()?)))
+}
+
+/// `config.resume.broadcast: {seq, epoch}`: the last broadcast a returning client received.
+fn parse_broadcast_resume(payload: &Value) -> Result<Option<(u64, String)>, String> {
+    let Some(resume) = payload.pointer("/config/resume/broadcast").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let seq =
+        resume.get("seq").and_then(Value::as_u64).ok_or("config.resume.broadcast needs a numeric seq")?;
+    let epoch =
+        resume.get("epoch").and_then(Value::as_str).ok_or("config.resume.broadcast needs an epoch")?;
+    Ok(Some((seq, epoch.to_string())))
 }
 
 /// `realtime:room1` -> `room1`.
