@@ -47,6 +47,16 @@ pub struct ConfigOverrides {
     pub publication: Option<String>,
     pub slot: Option<String>,
     pub policy: Option<PathBuf>,
+    pub capture: Option<String>,
+}
+
+/// How changes are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// Logical replication from a pgoutput slot (needs `wal_level=logical` and REPLICATION).
+    Replication,
+    /// Triggers writing an outbox table (`pgcast tables add NAME --mode trigger`).
+    Trigger,
 }
 
 /// The TOML file's shape. Unknown keys are an error so a typo is not silently ignored.
@@ -59,6 +69,7 @@ struct FileConfig {
     publication: Option<String>,
     slot: Option<String>,
     policy: Option<PathBuf>,
+    capture: Option<String>,
     audit_app_roles: Option<Vec<String>>,
     outbound_queue: Option<usize>,
     heartbeat_timeout_secs: Option<u64>,
@@ -78,6 +89,7 @@ pub struct Config {
     pub jwt_secret: String,
     pub publication: String,
     pub slot: String,
+    pub capture: CaptureMode,
     /// The row policy and channel authorization file; `None` means default deny (only
     /// `service_role` receives changes).
     pub policy: Option<PathBuf>,
@@ -106,6 +118,7 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("publication", &self.publication)
             .field("slot", &self.slot)
+            .field("capture", &self.capture)
             .field("policy", &self.policy)
             .field("outbound_queue", &self.outbound_queue)
             .field("heartbeat_timeout", &self.heartbeat_timeout)
@@ -171,6 +184,16 @@ impl Config {
             });
         }
         let policy = overrides.policy.or(from_file.policy);
+        let capture = match overrides.capture.or(from_file.capture).as_deref() {
+            None | Some("replication") => CaptureMode::Replication,
+            Some("trigger") => CaptureMode::Trigger,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    key: "capture",
+                    message: format!("{other:?} is not a capture mode (replication or trigger)"),
+                })
+            }
+        };
         let outbound_queue = from_file.outbound_queue.unwrap_or(DEFAULT_OUTBOUND_QUEUE);
         if !(16..=1_000_000).contains(&outbound_queue) {
             return Err(ConfigError::Invalid {
@@ -227,6 +250,7 @@ impl Config {
             jwt_secret,
             publication,
             slot,
+            capture,
             policy,
             audit_app_roles: from_file.audit_app_roles.unwrap_or_default(),
             outbound_queue,

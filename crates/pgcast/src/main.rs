@@ -61,6 +61,9 @@ struct ServeArgs {
     /// Row policy and channel authorization file (TOML) [default: only service_role sees rows].
     #[arg(long, env = "PGCAST_POLICY")]
     policy: Option<PathBuf>,
+    /// How changes are captured: replication (default) or trigger.
+    #[arg(long, env = "PGCAST_CAPTURE")]
+    capture: Option<String>,
 }
 
 #[derive(Args)]
@@ -90,10 +93,19 @@ struct DbArgs {
 
 #[derive(Subcommand)]
 enum TablesAction {
-    /// Add a table (`name` or `schema.name`) to the publication.
-    Add { table: String },
-    /// Remove a table from the publication.
-    Remove { table: String },
+    /// Capture a table (`name` or `schema.name`): add it to the publication, or with
+    /// `--mode trigger` install the outbox capture trigger.
+    Add {
+        table: String,
+        #[arg(long, default_value = "replication", value_parser = ["replication", "trigger"])]
+        mode: String,
+    },
+    /// Stop capturing a table.
+    Remove {
+        table: String,
+        #[arg(long, default_value = "replication", value_parser = ["replication", "trigger"])]
+        mode: String,
+    },
     /// List published tables and their replica identity.
     List,
 }
@@ -168,6 +180,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         publication: args.publication,
         slot: args.slot,
         policy: args.policy,
+        capture: args.capture,
     };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| UsageError(e.to_string()))?;
     tracing::info!(config = ?config, "starting");
@@ -256,18 +269,31 @@ async fn tables(db_args: DbArgs, action: TablesAction) -> anyhow::Result<()> {
     let db = pgcast::db::Db::new(&url);
     let name = &db_args.publication;
     match action {
-        TablesAction::Add { table } => {
+        TablesAction::Add { table, mode } if mode == "trigger" => {
+            let (schema, table_name) = publication::split_table_name(&table)?;
+            pgcast::capture::outbox::add_table(&db, &schema, &table_name).await?;
+            println!("{schema}.{table_name} is captured by trigger into pgcast.outbox");
+        }
+        TablesAction::Add { table, .. } => {
             publication::ensure_publication(&db, name).await?;
             let added = publication::add_table(&db, name, &table).await?;
             println!("{added} is in publication {name}");
         }
-        TablesAction::Remove { table } => {
+        TablesAction::Remove { table, mode } if mode == "trigger" => {
+            let (schema, table_name) = publication::split_table_name(&table)?;
+            pgcast::capture::outbox::remove_table(&db, &schema, &table_name).await?;
+            println!("{schema}.{table_name} is no longer captured by trigger");
+        }
+        TablesAction::Remove { table, .. } => {
             let removed = publication::remove_table(&db, name, &table).await?;
             println!("{removed} removed from publication {name}");
         }
         TablesAction::List => {
             for (table, identity) in publication::list_tables(&db, name).await? {
                 println!("{table}\treplica identity {identity}");
+            }
+            for table in pgcast::capture::outbox::list_tables(&db).await? {
+                println!("{table}\ttrigger");
             }
         }
     }

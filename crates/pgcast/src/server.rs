@@ -25,7 +25,7 @@ use crate::capture::catalog::Catalog;
 use crate::capture::publication::{self, PublicationError};
 use crate::capture::replication::{self, ReplicationSource, ReplicationStatus};
 use crate::capture::{format_lsn, Progress};
-use crate::config::Config;
+use crate::config::{CaptureMode, Config};
 use crate::db::{Db, DbError};
 use crate::log::History;
 use crate::presence::Presence;
@@ -200,11 +200,14 @@ fn metrics_handle() -> Result<PrometheusHandle, ServerError> {
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let metrics = metrics_handle()?;
     let db = Arc::new(Db::new(&config.database_url));
-    let created = publication::ensure(&db, &config.publication, &config.slot).await?;
-    if created {
-        tracing::info!(slot = %config.slot, "streaming starts from now: the slot was just created");
+    let trigger_mode = config.capture == CaptureMode::Trigger;
+    if !trigger_mode {
+        let created = publication::ensure(&db, &config.publication, &config.slot).await?;
+        if created {
+            tracing::info!(slot = %config.slot, "streaming starts from now: the slot was just created");
+        }
     }
-    let catalog = Arc::new(Catalog::new(db.clone(), &config.publication));
+    let catalog = Arc::new(Catalog::new(db.clone(), &config.publication, trigger_mode));
     catalog.reload_types().await?;
     let policy = match &config.policy {
         Some(path) => Policy::load(path, &catalog).await?,
@@ -239,10 +242,18 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     } else {
         None
     };
-    let rebuilt =
-        crate::capture::retention::rebuild(&db, &catalog, &config.slot, &config.publication).await?;
-    let mut restored = History::new(rebuilt.epoch, config.retention, rebuilt.start);
-    for tx in rebuilt.transactions {
+    // Where history starts: re-read from the history slot, or from the outbox.
+    let (epoch, history_start, retained, outbox_cursor) = if trigger_mode {
+        let start = crate::capture::outbox::start(&db, &catalog).await?;
+        progress.mark_handled(start.cursor);
+        (start.epoch, start.history_start, start.history, start.cursor)
+    } else {
+        let rebuilt =
+            crate::capture::retention::rebuild(&db, &catalog, &config.slot, &config.publication).await?;
+        (rebuilt.epoch, rebuilt.start, rebuilt.transactions, 0)
+    };
+    let mut restored = History::new(epoch, config.retention, history_start);
+    for tx in retained {
         restored.append(Arc::new(tx), now_micros(), &progress);
     }
     let history = Arc::new(tokio::sync::Mutex::new(restored));
@@ -273,13 +284,26 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 
     let (changes_tx, changes_rx) = mpsc::channel(ROUTER_QUEUE);
     let router = tokio::spawn(router::run(changes_rx, index, history, progress.clone(), rls, 0));
-    let source = ReplicationSource {
-        database_url: state.config.database_url.clone(),
-        slot: state.config.slot.clone(),
-        publication: state.config.publication.clone(),
+    let replication = if trigger_mode {
+        tokio::spawn(crate::capture::outbox::run(
+            state.config.database_url.clone(),
+            Arc::new(Db::new(&state.config.database_url)),
+            catalog,
+            changes_tx,
+            progress,
+            status,
+            state.config.retention,
+            outbox_cursor,
+            shutdown.clone(),
+        ))
+    } else {
+        let source = ReplicationSource {
+            database_url: state.config.database_url.clone(),
+            slot: state.config.slot.clone(),
+            publication: state.config.publication.clone(),
+        };
+        tokio::spawn(replication::run(source, catalog, changes_tx, progress, status, shutdown.clone()))
     };
-    let replication =
-        tokio::spawn(replication::run(source, catalog, changes_tx, progress, status, shutdown.clone()));
 
     let app = crate::http::routes(state.clone());
     let mut http_shutdown = shutdown.clone();
@@ -290,13 +314,17 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             tracing::error!(error = %e, "HTTP server failed");
         }
     });
-    let keeper = crate::capture::retention::Keeper {
-        // Its own connection: advancing the slot decodes WAL and may take a while.
-        db: Arc::new(Db::new(&state.config.database_url)),
-        slot: state.config.slot.clone(),
-        progress: state.progress.clone(),
+    let keeper = if trigger_mode {
+        tokio::spawn(async {})
+    } else {
+        let keeper = crate::capture::retention::Keeper {
+            // Its own connection: advancing the slot decodes WAL and may take a while.
+            db: Arc::new(Db::new(&state.config.database_url)),
+            slot: state.config.slot.clone(),
+            progress: state.progress.clone(),
+        };
+        tokio::spawn(keeper.run(shutdown.clone()))
     };
-    let keeper = tokio::spawn(keeper.run(shutdown.clone()));
     let upkeep = tokio::spawn(upkeep(state.clone(), shutdown));
     tracing::info!(listen = %addr, "pgcast listening");
     Ok(RunningServer {
@@ -363,16 +391,32 @@ impl RunningServer {
         let _ = self.router.await;
         let _ = self.upkeep.await;
         let _ = self.keeper.await;
-        let history_slot = crate::capture::retention::history_slot_name(&self.state.config.slot);
-        let floor = self.state.progress.confirmable();
-        if let Err(e) = publication::confirm_slot(&self.state.db, &history_slot, floor).await {
-            tracing::warn!(error = %e, "could not advance the history slot at shutdown");
+        let trigger_mode = self.state.config.capture == CaptureMode::Trigger;
+        if !trigger_mode {
+            let history_slot = crate::capture::retention::history_slot_name(&self.state.config.slot);
+            let floor = self.state.progress.confirmable();
+            if let Err(e) = publication::confirm_slot(&self.state.db, &history_slot, floor).await {
+                tracing::warn!(error = %e, "could not advance the history slot at shutdown");
+            }
         }
         self.audit_trigger.trigger();
         let _ = self.audit_writer.await;
         let handled = self.state.progress.handled();
-        if handled > 0 {
+        if handled > 0 && self.state.config.capture == CaptureMode::Replication {
             confirm_with_retry(&self.state, handled).await;
+        }
+        if handled > 0 && self.state.config.capture == CaptureMode::Trigger {
+            let saved = match self.state.db.client().await {
+                Ok(client) => client
+                    .execute("UPDATE pgcast.outbox_cursor SET xid = $1::text::xid8", &[&handled.to_string()])
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = saved {
+                tracing::warn!(error = %e, "could not save the outbox cursor; the last changes will be sent again");
+            }
         }
         tracing::info!(lsn = %format_lsn(handled), "stopped");
         handled

@@ -145,15 +145,18 @@ pub struct TableDefinition {
 pub struct Catalog {
     db: Arc<Db>,
     publication: String,
+    /// Tables are captured by the `pgcast_capture` trigger instead of the publication.
+    trigger_mode: bool,
     types: RwLock<Arc<TypeCatalog>>,
     tables: RwLock<TableCache>,
 }
 
 impl Catalog {
-    pub fn new(db: Arc<Db>, publication: &str) -> Catalog {
+    pub fn new(db: Arc<Db>, publication: &str, trigger_mode: bool) -> Catalog {
         Catalog {
             db,
             publication: publication.to_string(),
+            trigger_mode,
             types: RwLock::new(Arc::new(TypeCatalog::default())),
             tables: RwLock::new(HashMap::new()),
         }
@@ -195,7 +198,8 @@ impl Catalog {
         Ok(catalog)
     }
 
-    /// The table if it is in the publication, with its columns; `None` if it is not published.
+    /// The table if it is captured (in the publication, or with the capture trigger in trigger
+    /// mode), with its columns; `None` if it is not.
     pub async fn published_table(
         &self,
         schema: &str,
@@ -210,18 +214,31 @@ impl Catalog {
             }
         }
         let client = self.db.client().await?;
-        let rows = client
-            .query(
-                "SELECT a.attname::text, a.atttypid::int8 \
-                 FROM pg_publication_tables p \
-                 JOIN pg_namespace n ON n.nspname = p.schemaname \
-                 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
-                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-                 WHERE p.pubname = $1 AND p.schemaname = $2 AND p.tablename = $3 \
-                 ORDER BY a.attnum",
-                &[&self.publication, &schema, &name],
-            )
-            .await?;
+        let rows = if self.trigger_mode {
+            client
+                .query(
+                    "SELECT a.attname::text, a.atttypid::int8 FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'pgcast_capture' \
+                     JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                     WHERE n.nspname = $1 AND c.relname = $2 ORDER BY a.attnum",
+                    &[&schema, &name],
+                )
+                .await?
+        } else {
+            client
+                .query(
+                    "SELECT a.attname::text, a.atttypid::int8 \
+                     FROM pg_publication_tables p \
+                     JOIN pg_namespace n ON n.nspname = p.schemaname \
+                     JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
+                     JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                     WHERE p.pubname = $1 AND p.schemaname = $2 AND p.tablename = $3 \
+                     ORDER BY a.attnum",
+                    &[&self.publication, &schema, &name],
+                )
+                .await?
+        };
         if rows.is_empty() {
             return Ok(None);
         }
@@ -304,12 +321,23 @@ impl Catalog {
     /// Whether any table of `schema` is in the publication (for schema-wide subscriptions).
     pub async fn schema_has_tables(&self, schema: &str) -> Result<bool, DbError> {
         let client = self.db.client().await?;
-        let row = client
-            .query_one(
-                "SELECT count(*) FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2",
-                &[&self.publication, &schema],
-            )
-            .await?;
+        let row = if self.trigger_mode {
+            client
+                .query_one(
+                    "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE t.tgname = 'pgcast_capture' AND n.nspname = $1",
+                    &[&schema],
+                )
+                .await?
+        } else {
+            client
+                .query_one(
+                    "SELECT count(*) FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2",
+                    &[&self.publication, &schema],
+                )
+                .await?
+        };
         Ok(row.get::<_, i64>(0) > 0)
     }
 }

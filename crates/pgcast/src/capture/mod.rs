@@ -9,6 +9,7 @@
 
 pub mod catalog;
 pub mod decode;
+pub mod outbox;
 pub mod publication;
 pub mod replication;
 pub mod retention;

@@ -65,7 +65,7 @@ impl ReplicationStatus {
         self.last_error.lock().ok().and_then(|e| e.clone())
     }
 
-    fn set_connected(&self, connected: bool, error: Option<String>) {
+    pub(crate) fn set_connected(&self, connected: bool, error: Option<String>) {
         self.connected.store(connected, Ordering::Release);
         if let Ok(mut last) = self.last_error.lock() {
             *last = error;

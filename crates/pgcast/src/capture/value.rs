@@ -82,7 +82,8 @@ impl ValueKind {
                 "NaN" | "Infinity" | "-Infinity" => write_json_string(text, out),
                 _ => out.push_str(text),
             },
-            ValueKind::Bool => out.push_str(if text == "t" { "true" } else { "false" }),
+            // Output functions print `t`; a `::text` cast (trigger capture) prints `true`.
+            ValueKind::Bool => out.push_str(if text == "t" || text == "true" { "true" } else { "false" }),
             ValueKind::Json => out.push_str(text),
             ValueKind::TimestampTz => write_iso_timestamp(text, true, out),
             ValueKind::Timestamp => write_iso_timestamp(text, false, out),
