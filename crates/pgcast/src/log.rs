@@ -70,6 +70,8 @@ pub struct History {
     changes: usize,
     /// Resuming from a position before this one cannot be served: something after it is gone.
     lost_through: Position,
+    /// Commit LSN of the newest transaction appended: anything at or before it is a repeat.
+    newest: Lsn,
 }
 
 impl History {
@@ -82,6 +84,7 @@ impl History {
             transactions: VecDeque::new(),
             changes: 0,
             lost_through: Position { lsn: start, index: 0 },
+            newest: 0,
         }
     }
 
@@ -97,14 +100,20 @@ impl History {
         self.changes == 0
     }
 
-    /// Appends a transaction, prunes past retention, and tells `progress` how far the slot may
-    /// be confirmed.
-    pub fn append(&mut self, tx: Arc<Transaction>, now_micros: i64, progress: &Progress) {
+    /// Appends a transaction, prunes past retention, and tells `progress` how far the history
+    /// slot may be advanced. Returns `false`, appending nothing, for a transaction at or before
+    /// the newest one (streamed again after a reconnect).
+    pub fn append(&mut self, tx: Arc<Transaction>, now_micros: i64, progress: &Progress) -> bool {
+        if tx.commit_lsn <= self.newest && !tx.changes.is_empty() {
+            return false;
+        }
+        self.newest = self.newest.max(tx.commit_lsn);
         if !tx.changes.is_empty() {
             self.changes += tx.changes.len();
             self.transactions.push_back(tx);
         }
         self.prune(now_micros, progress);
+        true
     }
 
     /// Drops transactions past the count or age limit (whole transactions, oldest first).
@@ -116,6 +125,13 @@ impl History {
             if !too_many && !too_old {
                 break;
             }
+            tracing::debug!(
+                commit = %crate::capture::format_lsn(oldest.commit_lsn),
+                too_many,
+                too_old,
+                retained = self.changes,
+                "history pruned"
+            );
             let last = oldest.changes.len().saturating_sub(1) as u32;
             self.lost_through = Position { lsn: oldest.commit_lsn, index: last };
             self.changes -= oldest.changes.len();

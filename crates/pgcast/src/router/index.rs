@@ -31,6 +31,8 @@ pub struct Subscription {
     pub filter: Option<Filter>,
     /// What the subscriber's role may see; `None` for the service role (everything).
     pub policy: Option<BoundPolicy>,
+    /// A resumed subscription already has everything up to here.
+    pub min_position: Option<crate::log::Position>,
 }
 
 impl Subscription {

@@ -56,8 +56,9 @@ pub async fn run(
             }
         };
         let mut history = history.lock().await;
-        history.append(tx.clone(), crate::server::now_micros(), &progress);
-        if tx.end_lsn > live_from {
+        // A transaction streamed again after a reconnect was already routed by this server.
+        let new = history.append(tx.clone(), crate::server::now_micros(), &progress);
+        if new && tx.end_lsn > live_from {
             let epoch = history.epoch().to_string();
             for (i, change) in tx.changes.iter().enumerate() {
                 let position = Position { lsn: tx.commit_lsn, index: i as u32 };
@@ -124,6 +125,9 @@ impl Fanout {
         self.views.clear();
         self.encoded.clear();
         for (sub, visibility) in self.matched.drain(..) {
+            if sub.min_position.is_some_and(|floor| position <= floor) {
+                continue;
+            }
             let shape = shape_id(&visibility);
             self.views.entry(shape).or_insert((visibility, None));
             let (_, ids) = self

@@ -434,18 +434,21 @@ impl Session {
         if !bindings.is_empty() && !access.read {
             let reason =
                 format!("role {:?} may not read channel {:?}", claims.role, channel_name(&frame.topic));
-            return self.reply_error(&frame, reason).await;
+            return self.refuse_join(&frame, &claims, reason).await;
         }
         let topic: Arc<str> = Arc::from(frame.topic.as_str());
-        let (subscriptions, response) =
-            match subscribe::subscribe(&self.state, &self.handle, &topic, &bindings, &claims).await {
-                Ok(result) => result,
-                Err(reason) => return self.refuse_join(&frame, &claims, reason).await,
-            };
         let resume = match parse_resume(&frame.payload) {
             Ok(resume) => resume,
             Err(reason) => return self.refuse_join(&frame, &claims, reason).await,
         };
+        // A resuming subscription never receives a change at or before its position live
+        // (a restarted server streams the last changes again).
+        let floor = resume.as_ref().map(|(_, position)| *position);
+        let (subscriptions, response) =
+            match subscribe::subscribe(&self.state, &self.handle, &topic, &bindings, &claims, floor).await {
+                Ok(result) => result,
+                Err(reason) => return self.refuse_join(&frame, &claims, reason).await,
+            };
         // Snapshot the history and go live under the history lock: the router appends and
         // routes under it too, so every change is either in the snapshot or delivered live.
         let replay = match &resume {
@@ -714,7 +717,7 @@ impl Session {
         let topic: Arc<str> = Arc::from(frame.topic.as_str());
         let bindings = channel.bindings.clone();
         let subscriptions =
-            match subscribe::subscribe(&self.state, &self.handle, &topic, &bindings, &claims).await {
+            match subscribe::subscribe(&self.state, &self.handle, &topic, &bindings, &claims, None).await {
                 Ok((subscriptions, _)) => subscriptions,
                 Err(reason) => return self.close_channel(&frame.topic, reason).await,
             };

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use crate::auth::{Claims, SERVICE_ROLE};
+use crate::log::Position;
 use crate::router::filter::{EventFilter, Filter};
 use crate::router::index::Subscription;
 use crate::server::AppState;
@@ -22,11 +23,13 @@ pub async fn subscribe(
     topic: &Arc<str>,
     bindings: &[Value],
     claims: &Claims,
+    min_position: Option<Position>,
 ) -> Result<(Vec<Arc<Subscription>>, Vec<Value>), String> {
     let mut subscriptions = Vec::with_capacity(bindings.len());
     let mut response = Vec::with_capacity(bindings.len());
     for binding in bindings {
-        let sub = parse_binding(state, handle, binding, topic, claims).await?;
+        let mut sub = parse_binding(state, handle, binding, topic, claims).await?;
+        sub.min_position = min_position;
         let mut echoed = binding.clone();
         if let Value::Object(map) = &mut echoed {
             map.insert("id".into(), json!(sub.binding_id));
@@ -138,6 +141,7 @@ async fn parse_binding(
         events,
         filter,
         policy,
+        min_position: None,
     })
 }
 

@@ -162,6 +162,10 @@ impl Client {
         Client { ws, v2, next_ref: 0 }
     }
 
+    pub fn from_ws(ws: Ws, v2: bool) -> Client {
+        Client { ws, v2, next_ref: 0 }
+    }
+
     /// Like [`Client::connect`] but with a tiny kernel receive buffer, so a client that stops
     /// reading backs up into the server quickly (as a stalled phone would).
     pub async fn connect_small_buffer(addr: std::net::SocketAddr, apikey: &str) -> Client {
