@@ -39,3 +39,6 @@ fi
 
 log "Node tests (official @supabase/realtime-js against pgcast)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error && npm test)
+
+log "SDK tests (clients/js, TypeScript build + tests against pgcast)"
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm test)
