@@ -426,6 +426,10 @@ export class Channel {
         this.applyPresence(payload.joins ?? {}, payload.leaves ?? {});
         break;
       case 'system':
+        // Where a new subscription starts: resume from here even if nothing arrives before a drop.
+        if (payload.extension === 'postgres_changes' && payload.pgcast && !this.position) {
+          this.position = { position: payload.pgcast.position, epoch: payload.pgcast.epoch };
+        }
         if (payload.extension === 'pgcast' && payload.status === 'resync_required') {
           const scope = payload.scope === 'broadcast' ? 'broadcast' : 'postgres_changes';
           // Start over from live: the old positions are of no use any more.

@@ -75,15 +75,16 @@ pub struct History {
 }
 
 impl History {
-    /// An empty history whose changes up to `start` (the slot's confirmed position when this
-    /// server started) are not available.
+    /// An empty history whose changes before `start` (the history slot's position, or the first
+    /// retained outbox transaction, when this server started) are not available.
     pub fn new(epoch: String, retention: Retention, start: Lsn) -> History {
         History {
             epoch,
             retention,
             transactions: VecDeque::new(),
             changes: 0,
-            lost_through: Position { lsn: start, index: 0 },
+            // Everything strictly before `start` is gone; a change at `start` or later is not.
+            lost_through: Position { lsn: start.saturating_sub(1), index: u32::MAX },
             newest: 0,
         }
     }
@@ -139,6 +140,15 @@ impl History {
         }
         // Hold the slot at the oldest retained transaction so a restart re-reads the window.
         progress.hold(self.transactions.front().map(|tx| tx.commit_lsn));
+    }
+
+    /// The position of the newest retained change (or, with none retained, the newest one that
+    /// is gone): a subscription made now has everything after it.
+    pub fn head(&self) -> Position {
+        match self.transactions.back() {
+            Some(tx) => Position { lsn: tx.commit_lsn, index: tx.changes.len().saturating_sub(1) as u32 },
+            None => self.lost_through,
+        }
     }
 
     /// Every retained change after `position`, in order, or why that cannot be served.

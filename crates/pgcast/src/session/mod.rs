@@ -451,20 +451,14 @@ impl Session {
             };
         // Snapshot the history and go live under the history lock: the router appends and
         // routes under it too, so every change is either in the snapshot or delivered live.
-        let replay = match &resume {
-            Some((epoch, position)) => {
-                let history = self.state.history.lock().await;
-                let result = history.since(epoch, *position);
-                let current_epoch = history.epoch().to_string();
-                self.state.index_insert(&subscriptions);
-                drop(history);
-                Some((result, current_epoch))
-            }
-            None => {
-                self.state.index_insert(&subscriptions);
-                None
-            }
-        };
+        let history = self.state.history.lock().await;
+        // Where this subscription starts: everything after `head` reaches it (replayed or live),
+        // so a client that receives nothing before its next reconnect can resume from here.
+        let head = (history.head(), history.epoch().to_string());
+        let replay =
+            resume.as_ref().map(|(epoch, position)| (history.since(epoch, *position), head.1.clone()));
+        self.state.index_insert(&subscriptions);
+        drop(history);
         let config = |pointer: &str| frame.payload.pointer(pointer);
         let receive_own = config("/config/broadcast/self").and_then(Value::as_bool).unwrap_or(false);
         let ack = config("/config/broadcast/ack").and_then(Value::as_bool).unwrap_or(false);
@@ -520,6 +514,7 @@ impl Session {
                 "status": "ok",
                 "extension": "postgres_changes",
                 "channel": channel_name(&frame.topic),
+                "pgcast": { "position": head.0.to_string(), "epoch": head.1 },
             });
             let text = phoenix::encode(
                 self.handle.vsn,
