@@ -283,7 +283,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     });
 
     let (changes_tx, changes_rx) = mpsc::channel(ROUTER_QUEUE);
-    let router = tokio::spawn(router::run(changes_rx, index, history, progress.clone(), rls, 0));
+    let router = tokio::spawn(router::run(changes_rx, index, history, progress.clone(), rls));
     let replication = if trigger_mode {
         tokio::spawn(crate::capture::outbox::run(
             state.config.database_url.clone(),

@@ -133,8 +133,16 @@ async fn run(capture: &str) {
 
     let wait_committed = |n: i64| {
         let committed = committed.clone();
+        let received = received.clone();
         async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
             while committed.load(Ordering::Relaxed) < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "writer stuck at {} (client has {})",
+                    committed.load(Ordering::Relaxed),
+                    received.load(Ordering::Relaxed)
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -149,11 +157,17 @@ async fn run(capture: &str) {
         wait_ready(&format!("http://{addr}")).await;
     }
     wait_committed(7_000).await;
-    pg.cluster.stop().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), pg.cluster.stop())
+        .await
+        .expect("PostgreSQL did not stop within 60 s")
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     pg.cluster.start_server().await.unwrap();
 
-    writer.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(120), writer)
+        .await
+        .unwrap_or_else(|_| panic!("writer stuck at {}", committed.load(Ordering::Relaxed)))
+        .unwrap();
     let ids = tokio::time::timeout(Duration::from_secs(240), client)
         .await
         .unwrap_or_else(|_| panic!("client stuck at {} of {TOTAL}", received.load(Ordering::Relaxed)))

@@ -198,6 +198,22 @@ impl Catalog {
         Ok(catalog)
     }
 
+    /// Name and rendering kind of a column type, reloading the catalog once for a type created
+    /// after start-up; an unknown type renders as text.
+    async fn resolve_type(
+        &self,
+        types: &mut Arc<TypeCatalog>,
+        oid: u32,
+    ) -> Result<(String, ValueKind), DbError> {
+        if types.get(oid).is_none() {
+            *types = self.reload_types().await?;
+        }
+        Ok(match types.get(oid) {
+            Some(info) => (info.name.clone(), info.kind.clone()),
+            None => (oid.to_string(), ValueKind::Text),
+        })
+    }
+
     /// The table if it is captured (in the publication, or with the capture trigger in trigger
     /// mode), with its columns; `None` if it is not.
     pub async fn published_table(
@@ -245,14 +261,7 @@ impl Catalog {
         let mut types = self.types();
         let mut columns = Vec::with_capacity(rows.len());
         for row in &rows {
-            let oid = row.get::<_, i64>(1) as u32;
-            if types.get(oid).is_none() {
-                types = self.reload_types().await?;
-            }
-            let (type_name, kind) = match types.get(oid) {
-                Some(info) => (info.name.clone(), info.kind.clone()),
-                None => (oid.to_string(), ValueKind::Text),
-            };
+            let (type_name, kind) = self.resolve_type(&mut types, row.get::<_, i64>(1) as u32).await?;
             columns.push(TableColumn { name: row.get(0), type_name, kind });
         }
         let table = Arc::new(PublishedTable { schema: key.0.clone(), name: key.1.clone(), columns });
@@ -297,14 +306,7 @@ impl Catalog {
         let mut columns = Vec::with_capacity(rows.len());
         let mut primary_key = Vec::new();
         for row in &rows {
-            let type_oid = row.get::<_, i64>(1) as u32;
-            if types.get(type_oid).is_none() {
-                types = self.reload_types().await?;
-            }
-            let (type_name, kind) = match types.get(type_oid) {
-                Some(info) => (info.name.clone(), info.kind.clone()),
-                None => (type_oid.to_string(), ValueKind::Text),
-            };
+            let (type_name, kind) = self.resolve_type(&mut types, row.get::<_, i64>(1) as u32).await?;
             let name: String = row.get(0);
             if row.get::<_, bool>(2) {
                 primary_key.push(name.clone());

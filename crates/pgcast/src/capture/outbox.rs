@@ -204,7 +204,6 @@ impl Reader {
             return Ok(Some(relation.clone()));
         }
         let Some(definition) = catalog.table_definition(schema, table).await? else { return Ok(None) };
-        let types = catalog.types();
         let columns = definition
             .table
             .columns
@@ -217,7 +216,6 @@ impl Reader {
                 is_key: definition.primary_key.contains(&c.name),
             })
             .collect();
-        drop(types);
         // The trigger captures whole old rows, like REPLICA IDENTITY FULL.
         let relation = Arc::new(Relation {
             oid: 0,

@@ -66,8 +66,8 @@ impl ValueKind {
                 "f" | "false" | "no" | "off" | "0" => Some(Scalar::Bool(false)),
                 _ => None,
             },
-            ValueKind::TimestampTz => parse_timestamp(text, true).map(Scalar::Instant),
-            ValueKind::Timestamp => parse_timestamp(text, false).map(Scalar::Instant),
+            ValueKind::TimestampTz => parse_timestamp(text).map(Scalar::Instant),
+            ValueKind::Timestamp => parse_timestamp(text).map(Scalar::Instant),
             ValueKind::Uuid => Some(Scalar::Text(text.trim().to_ascii_lowercase())),
             ValueKind::Text => Some(Scalar::Text(text.to_string())),
             ValueKind::Json | ValueKind::Array(_) => None,
@@ -183,7 +183,7 @@ fn write_iso_timestamp(text: &str, with_zone: bool, out: &mut String) {
 /// Parses `YYYY-MM-DD[ T]HH:MM[:SS[.ffffff]][Z|±HH[:MM[:SS]]]` (or a bare date) into
 /// microseconds since the Unix epoch. Without a zone the time is taken as UTC, which is what the
 /// replication session's `TimeZone=UTC` makes PostgreSQL print anyway.
-pub fn parse_timestamp(text: &str, _with_zone: bool) -> Option<i64> {
+pub fn parse_timestamp(text: &str) -> Option<i64> {
     let t = text.trim();
     let (date, rest) = match t.find([' ', 'T']) {
         Some(i) => (&t[..i], &t[i + 1..]),
@@ -372,14 +372,14 @@ mod tests {
 
     #[test]
     fn timestamps_compare_across_zones() {
-        let a = parse_timestamp("2024-01-02 03:00:00+00", true).unwrap();
-        let b = parse_timestamp("2024-01-02T05:30:00+02:30", true).unwrap();
-        let c = parse_timestamp("2024-01-02T03:00:00Z", true).unwrap();
+        let a = parse_timestamp("2024-01-02 03:00:00+00").unwrap();
+        let b = parse_timestamp("2024-01-02T05:30:00+02:30").unwrap();
+        let c = parse_timestamp("2024-01-02T03:00:00Z").unwrap();
         assert_eq!(a, b);
         assert_eq!(a, c);
-        assert_eq!(parse_timestamp("1970-01-01", false), Some(0));
-        assert_eq!(parse_timestamp("1970-01-01 00:00:01.5", false), Some(1_500_000));
-        assert_eq!(parse_timestamp("not a time", true), None);
+        assert_eq!(parse_timestamp("1970-01-01"), Some(0));
+        assert_eq!(parse_timestamp("1970-01-01 00:00:01.5"), Some(1_500_000));
+        assert_eq!(parse_timestamp("not a time"), None);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 use axum::extract::ws::{Message, Utf8Bytes};
 use tokio::sync::mpsc;
 
-use crate::capture::{Change, Lsn, Progress, Transaction};
+use crate::capture::{Change, Progress, Transaction};
 use crate::log::{History, Position};
 use crate::protocol::phoenix::{self, Vsn};
 use crate::session::{Outbound, SessionHandle};
@@ -32,15 +32,14 @@ use crate::rls::RlsChecker;
 /// Routes until the capture side closes the channel. Each transaction is appended to the
 /// history and routed while the history lock is held, so a resuming session (which snapshots
 /// the history and subscribes under the same lock) sees every change exactly once: replayed or
-/// live. Transactions ending at or before `live_from` were delivered before a restart: they
-/// rebuild the history only. `rls` is set when a table uses row-level security mode.
+/// live. A transaction the history already has (streamed again after a reconnect) is not routed
+/// again. `rls` is set when a table uses row-level security mode.
 pub async fn run(
     mut changes: mpsc::Receiver<Transaction>,
     index: Arc<RwLock<Index>>,
     history: Arc<tokio::sync::Mutex<History>>,
     progress: Arc<Progress>,
     rls: Option<Arc<RlsChecker>>,
-    live_from: Lsn,
 ) {
     let mut fanout = Fanout::default();
     let mut prune = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -58,7 +57,7 @@ pub async fn run(
         let mut history = history.lock().await;
         // A transaction streamed again after a reconnect was already routed by this server.
         let new = history.append(tx.clone(), crate::server::now_micros(), &progress);
-        if new && tx.end_lsn > live_from {
+        if new {
             let epoch = history.epoch().to_string();
             for (i, change) in tx.changes.iter().enumerate() {
                 let position = Position { lsn: tx.commit_lsn, index: i as u32 };

@@ -544,31 +544,44 @@ impl Session {
         frame: &Frame,
         result: Result<Vec<Message>, crate::broadcast::BroadcastResync>,
     ) -> Result<(), axum::Error> {
-        let topic = frame.topic.as_str();
-        let payload = match result {
+        let epoch = self.state.hub.epoch().to_string();
+        let outcome = match result {
             Ok(messages) => {
                 let replayed = messages.len();
                 for message in messages {
                     self.socket.feed(message).await?;
                 }
-                json!({
-                    "message": format!("resumed: {replayed} missed broadcasts replayed"),
-                    "status": "ok",
-                    "extension": "pgcast",
-                    "scope": "broadcast",
-                    "channel": channel_name(topic),
-                    "epoch": self.state.hub.epoch(),
-                })
+                Ok(format!("resumed: {replayed} missed broadcasts replayed"))
             }
-            Err(reason) => json!({
-                "message": format!("resync required: {reason}"),
-                "status": "resync_required",
-                "extension": "pgcast",
-                "scope": "broadcast",
-                "channel": channel_name(topic),
-                "epoch": self.state.hub.epoch(),
-            }),
+            Err(reason) => Err(reason.to_string()),
         };
+        self.send_resume_notice(frame, Some("broadcast"), outcome, &epoch).await
+    }
+
+    /// The `system` message (`extension: "pgcast"`) that ends a resume: `ok` with what was
+    /// replayed, or `resync_required` with the reason and the current epoch.
+    async fn send_resume_notice(
+        &mut self,
+        frame: &Frame,
+        scope: Option<&str>,
+        outcome: Result<String, String>,
+        epoch: &str,
+    ) -> Result<(), axum::Error> {
+        let topic = frame.topic.as_str();
+        let (status, message) = match outcome {
+            Ok(message) => ("ok", message),
+            Err(reason) => ("resync_required", format!("resync required: {reason}")),
+        };
+        let mut payload = json!({
+            "message": message,
+            "status": status,
+            "extension": "pgcast",
+            "channel": channel_name(topic),
+            "epoch": epoch,
+        });
+        if let Some(scope) = scope {
+            payload["scope"] = json!(scope);
+        }
         let text =
             phoenix::encode(self.handle.vsn, frame.join_ref.as_deref(), None, topic, "system", &payload);
         self.send_text(text).await
@@ -582,21 +595,12 @@ impl Session {
         entries: Result<Vec<(Position, Arc<Transaction>, usize)>, ResyncReason>,
         epoch: &str,
     ) -> Result<(), axum::Error> {
-        let vsn = self.handle.vsn;
         let topic = frame.topic.as_str();
         let entries = match entries {
             Ok(entries) => entries,
             Err(reason) => {
                 metrics::counter!("pgcast_resyncs_total").increment(1);
-                let payload = json!({
-                    "message": format!("resync required: {reason}"),
-                    "status": "resync_required",
-                    "extension": "pgcast",
-                    "channel": channel_name(topic),
-                    "epoch": epoch,
-                });
-                let text = phoenix::encode(vsn, frame.join_ref.as_deref(), None, topic, "system", &payload);
-                return self.send_text(text).await;
+                return self.send_resume_notice(frame, None, Err(reason.to_string()), epoch).await;
             }
         };
         let subscriptions = self.channels.get(topic).map(|c| c.subscriptions.clone()).unwrap_or_default();
@@ -621,15 +625,8 @@ impl Session {
         }
         self.socket.flush().await?;
         metrics::counter!("pgcast_replayed_total").increment(replayed as u64);
-        let payload = json!({
-            "message": format!("resumed: {replayed} missed changes replayed"),
-            "status": "ok",
-            "extension": "pgcast",
-            "channel": channel_name(topic),
-            "epoch": epoch,
-        });
-        let text = phoenix::encode(vsn, frame.join_ref.as_deref(), None, topic, "system", &payload);
-        self.send_text(text).await
+        let message = format!("resumed: {replayed} missed changes replayed");
+        self.send_resume_notice(frame, None, Ok(message), epoch).await
     }
 
     async fn refuse_join(
