@@ -21,6 +21,9 @@ fi
 if ! have node || ! have npm; then
   log "installing Node.js"; apt_install nodejs npm
 fi
+if ! have chromium; then
+  log "installing Chromium (SDK browser test)"; apt_install chromium
+fi
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -30,6 +33,9 @@ cargo clippy --all-targets --locked -- -D warnings
 log "building"
 cargo build --locked --bins --tests
 
+log "SDK build (clients/js; the Rust end-to-end tests drive SDK clients too)"
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run build)
+
 log "Rust tests (unit + integration against real PostgreSQL)"
 if have cargo-nextest; then
   cargo nextest run --locked --no-fail-fast
@@ -37,8 +43,18 @@ else
   cargo test --locked --no-fail-fast
 fi
 
+# Both capture modes run the same suite: the mode-independent integration tests again, with
+# every table captured by the outbox trigger (outbox and nothing_lost cover both modes already).
+log "Rust integration tests again in trigger capture mode"
+if have cargo-nextest; then
+  PGCAST_TEST_CAPTURE=trigger cargo nextest run --locked --no-fail-fast \
+    -E 'package(pgcast) & kind(test) & !(binary(outbox) | binary(nothing_lost))'
+else
+  PGCAST_TEST_CAPTURE=trigger cargo test --locked --no-fail-fast -p pgcast --tests
+fi
+
 log "Node tests (official @supabase/realtime-js against pgcast)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error && npm test)
 
 log "SDK tests (clients/js, TypeScript build + tests against pgcast)"
-(cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm test)
+(cd clients/js && npm test)

@@ -20,6 +20,7 @@ use crate::audit::{Action, AuditEvent};
 use crate::auth::{Claims, SERVICE_ROLE};
 use crate::broadcast::BroadcastPayload;
 use crate::capture::format_lsn;
+use crate::config::CaptureMode;
 use crate::protocol::phoenix::Vsn;
 use crate::server::{update_gauges, AppState};
 use crate::session::Session;
@@ -188,10 +189,9 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     let handled = state.progress.handled();
     let server_end = replication.server_wal_end();
     let healthy = database["ok"] == true && replication.is_connected();
-    let body = json!({
-        "status": if healthy { "ok" } else { "unhealthy" },
-        "database": database,
-        "replication": {
+    let capture = match state.config.capture {
+        CaptureMode::Replication => json!({
+            "mode": "replication",
             "connected": replication.is_connected(),
             "slot": state.config.slot,
             "publication": state.config.publication,
@@ -199,7 +199,18 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
             "handled_lsn": format_lsn(handled),
             "lag_bytes": server_end.saturating_sub(handled),
             "last_error": replication.last_error(),
-        },
+        }),
+        CaptureMode::Trigger => json!({
+            "mode": "trigger",
+            "connected": replication.is_connected(),
+            "handled_xid": handled,
+            "last_error": replication.last_error(),
+        }),
+    };
+    let body = json!({
+        "status": if healthy { "ok" } else { "unhealthy" },
+        "database": database,
+        "capture": capture,
     });
     let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
@@ -213,7 +224,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if !state.replication.is_connected() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "ready": false, "reason": "replication not streaming" })),
+            Json(json!({ "ready": false, "reason": "capture not running" })),
         )
             .into_response();
     }

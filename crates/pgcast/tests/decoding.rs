@@ -113,6 +113,9 @@ async fn every_type_renders_like_to_jsonb() {
 
 #[tokio::test]
 async fn wide_rows_and_unchanged_toast_values() {
+    if replication_only("wide_rows_and_unchanged_toast_values") {
+        return;
+    }
     let (pg, _server, mut client) = setup("toast").await;
     // 20 kB of text stored out of line (STORAGE EXTERNAL), so PostgreSQL TOASTs it.
     let body: String = (0..20_000).map(|i| char::from(b'a' + (i * 7 % 26) as u8)).collect();
@@ -146,6 +149,9 @@ async fn wide_rows_and_unchanged_toast_values() {
 
 #[tokio::test]
 async fn delete_and_truncate_with_each_replica_identity() {
+    if replication_only("delete_and_truncate_with_each_replica_identity") {
+        return;
+    }
     let (pg, _server, mut client) = setup("delete").await;
     pg.exec("INSERT INTO notes VALUES (1, 't', 'b'); INSERT INTO notes_full VALUES (1, 't', 'b')").await;
     client.changes(2, DEADLINE).await;

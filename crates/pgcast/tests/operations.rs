@@ -25,7 +25,11 @@ async fn health_ready_and_metrics_report_the_pipeline() {
     let health: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(health["status"], "ok");
     assert_eq!(health["database"]["ok"], true);
-    assert_eq!(health["replication"]["connected"], true);
+    assert_eq!(health["capture"]["connected"], true);
+    assert_eq!(
+        health["capture"]["mode"],
+        if capture_mode() == CaptureMode::Trigger { "trigger" } else { "replication" }
+    );
     assert_eq!(http_get(&format!("{base}/ready")).await.unwrap().0, 200);
 
     let mut client = Client::connect(server.addr, Some(&token("service_role", 600)), true).await;
@@ -50,6 +54,9 @@ async fn health_ready_and_metrics_report_the_pipeline() {
 
 #[tokio::test]
 async fn changes_to_unpublished_tables_do_not_hold_wal_back() {
+    if replication_only("changes_to_unpublished_tables_do_not_hold_wal_back") {
+        return;
+    }
     let pg = Pg::start("walheld").await;
     pg.publish(SCHEMA, &["visits"]).await;
     let _server = start_server(config(&pg)).await;
@@ -75,7 +82,7 @@ async fn changes_to_unpublished_tables_do_not_hold_wal_back() {
 }
 
 #[tokio::test]
-async fn graceful_shutdown_closes_clients_with_a_reason_and_confirms_the_slot() {
+async fn graceful_shutdown_closes_clients_with_a_reason_and_saves_its_progress() {
     let pg = Pg::start("shutdown").await;
     pg.publish(SCHEMA, &["visits"]).await;
     let server = start_server(config(&pg)).await;
@@ -92,6 +99,15 @@ async fn graceful_shutdown_closes_clients_with_a_reason_and_confirms_the_slot() 
     assert_eq!(close["reason"], "server shutting down");
     let confirmed = shutdown.await.unwrap();
     assert!(confirmed > 0);
+    if capture_mode() == CaptureMode::Trigger {
+        let cursor_ok: bool = sql
+            .query_one("SELECT xid >= (SELECT max(xid) FROM pgcast.outbox) FROM pgcast.outbox_cursor", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(cursor_ok, "the outbox cursor is saved past the last handled transaction after shutdown");
+        return;
+    }
     let slot_ok: bool = sql
         .query_one(
             "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'pgcast'",
@@ -183,6 +199,7 @@ async fn logs_are_json_lines_without_row_contents_or_tokens() {
         .env("PGCAST_DATABASE_URL", pg.url())
         .env("PGCAST_LISTEN", format!("127.0.0.1:{port}"))
         .env("PGCAST_JWT_SECRET", SECRET)
+        .env("PGCAST_CAPTURE", capture_name())
         .env("PGCAST_LOG", "debug")
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

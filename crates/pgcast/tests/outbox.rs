@@ -113,6 +113,49 @@ async fn rows_wider_than_notify_allows_and_late_committing_transactions_are_not_
 }
 
 #[tokio::test]
+async fn transactions_are_read_in_numeric_xid_order_across_a_digit_boundary() {
+    // Regression: the reader once sorted transaction ids as text, so when one batch held 999 and
+    // 1001, 1001 came first and 999 was then dropped as already seen.
+    let (pg, server) = setup("outboxxidorder").await;
+    let mut client = subscribe(server.addr, "ticks", None).await;
+    let sql = pg.client().await;
+    let xid = |row: tokio_postgres::Row| row.get::<_, String>(0).parse::<u64>().unwrap();
+    let mut current = xid(sql.query_one("SELECT pg_current_xact_id()::text", &[]).await.unwrap());
+    let boundary = 10u64.pow(current.to_string().len() as u32);
+    while current < boundary - 20 {
+        current = xid(sql.query_one("SELECT pg_current_xact_id()::text", &[]).await.unwrap());
+    }
+    // An open transaction below the boundary holds the reader's fence while others commit past it.
+    let mut early = pg.client().await;
+    let early_tx = early.transaction().await.unwrap();
+    let early_xid = xid(early_tx
+        .query_one("INSERT INTO ticks VALUES (0, 'early') RETURNING pg_current_xact_id()::text", &[])
+        .await
+        .unwrap());
+    assert!(early_xid < boundary, "{early_xid} < {boundary}");
+    let mut id = 0;
+    while current <= boundary {
+        id += 1;
+        current = xid(sql
+            .query_one("INSERT INTO ticks VALUES ($1, 'late') RETURNING pg_current_xact_id()::text", &[&id])
+            .await
+            .unwrap());
+    }
+    early_tx.commit().await.unwrap();
+    let ids: Vec<i64> = client
+        .changes(id as usize + 1, DEADLINE)
+        .await
+        .iter()
+        .map(|c| c["data"]["record"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        (0..=id as i64).collect::<Vec<_>>(),
+        "xid order: {early_xid} first, then up to {current}"
+    );
+}
+
+#[tokio::test]
 async fn polling_takes_over_when_the_listen_connection_drops() {
     let (pg, server) = setup("outboxlisten").await;
     let mut client = subscribe(server.addr, "ticks", None).await;

@@ -80,6 +80,9 @@ async fn ids_left_in_slot(pg: &Pg) -> Vec<i64> {
 
 #[tokio::test]
 async fn kill_9_during_commits_loses_nothing_from_the_slot() {
+    if replication_only("kill_9_during_commits_loses_nothing_from_the_slot") {
+        return;
+    }
     let pg = Pg::start("kill9").await;
     pg.publish(SCHEMA, &["ticks"]).await;
     let port = free_port();
@@ -174,11 +177,10 @@ async fn postgres_restart_under_a_running_server_is_survived() {
     let deadline = Instant::now() + DEADLINE;
     loop {
         let (status, body) = http_get(&format!("{base}/health")).await.unwrap();
-        if status == 503 {
-            assert!(body.contains("\"connected\":false"), "{body}");
+        if status == 503 && body.contains("\"connected\":false") {
             break;
         }
-        assert!(Instant::now() < deadline, "health never reported the outage");
+        assert!(Instant::now() < deadline, "health never reported the capture's outage: {body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     pg.cluster.start_server().await.expect("restart PostgreSQL");

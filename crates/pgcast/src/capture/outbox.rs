@@ -241,12 +241,14 @@ impl Reader {
         let upto = upto.map(|u| u.to_string()).unwrap_or_else(|| u64::MAX.to_string());
         let rows = client
             .query(
-                "SELECT xid::text, (extract(epoch FROM at) * 1000000)::int8, schema_name, table_name, op, \
-                        new_values, old_values \
-                 FROM pgcast.outbox \
-                 WHERE xid > $1::text::xid8 AND xid <= $2::text::xid8 \
-                   AND xid < pg_snapshot_xmin(pg_current_snapshot()) \
-                 ORDER BY xid, id LIMIT $3",
+                // `o.xid` in ORDER BY: a bare `xid` would name the text output column and sort
+                // "1001" before "999".
+                "SELECT o.xid::text AS xid_text, (extract(epoch FROM o.at) * 1000000)::int8, \
+                        o.schema_name, o.table_name, o.op, o.new_values, o.old_values \
+                 FROM pgcast.outbox o \
+                 WHERE o.xid > $1::text::xid8 AND o.xid <= $2::text::xid8 \
+                   AND o.xid < pg_snapshot_xmin(pg_current_snapshot()) \
+                 ORDER BY o.xid, o.id LIMIT $3",
                 &[&after.to_string(), &upto, &limit],
             )
             .await?;

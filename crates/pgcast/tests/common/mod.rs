@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+pub use pgcast::config::CaptureMode;
 use pgcast::config::{Config, ConfigOverrides};
 use pgcast::local_postgres::LocalPostgres;
 use pgcast::server::RunningServer;
@@ -74,13 +75,24 @@ impl Pg {
         self.client().await.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     }
 
-    /// Creates the tables and puts them in publication `pgcast`.
+    /// Creates the tables and captures them in the suite's capture mode ([`capture_mode`]): in
+    /// publication `pgcast`, or with the outbox trigger.
     pub async fn publish(&self, schema_sql: &str, tables: &[&str]) {
         self.exec(schema_sql).await;
         let db = pgcast::db::Db::new(&self.url());
-        pgcast::capture::publication::ensure_publication(&db, "pgcast").await.expect("publication");
-        for table in tables {
-            pgcast::capture::publication::add_table(&db, "pgcast", table).await.expect("add table");
+        match capture_mode() {
+            CaptureMode::Replication => {
+                pgcast::capture::publication::ensure_publication(&db, "pgcast").await.expect("publication");
+                for table in tables {
+                    pgcast::capture::publication::add_table(&db, "pgcast", table).await.expect("add table");
+                }
+            }
+            CaptureMode::Trigger => {
+                for table in tables {
+                    let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+                    pgcast::capture::outbox::add_table(&db, schema, name).await.expect("install trigger");
+                }
+            }
         }
     }
 }
@@ -96,8 +108,36 @@ impl Drop for Pg {
     }
 }
 
+/// The capture mode the suite runs in: `PGCAST_TEST_CAPTURE=trigger` runs the mode-independent
+/// tests again over the outbox trigger (scripts/test.sh does both passes).
+pub fn capture_mode() -> CaptureMode {
+    match std::env::var("PGCAST_TEST_CAPTURE").as_deref() {
+        Ok("trigger") => CaptureMode::Trigger,
+        Ok("replication") | Err(_) => CaptureMode::Replication,
+        Ok(other) => panic!("PGCAST_TEST_CAPTURE={other:?}: expected replication or trigger"),
+    }
+}
+
+/// `PGCAST_CAPTURE` for a server started as a child process.
+pub fn capture_name() -> &'static str {
+    match capture_mode() {
+        CaptureMode::Replication => "replication",
+        CaptureMode::Trigger => "trigger",
+    }
+}
+
+/// For tests of replication-only machinery (slots, replica identity, TOAST): true, with a note
+/// on stderr, when the suite runs in trigger mode, so the test returns early.
+pub fn replication_only(test: &str) -> bool {
+    let skip = capture_mode() != CaptureMode::Replication;
+    if skip {
+        eprintln!("{test}: replication-only, skipped in trigger mode");
+    }
+    skip
+}
+
 pub fn config(pg: &Pg) -> Config {
-    Config::load(
+    let mut config = Config::load(
         None,
         ConfigOverrides {
             database_url: Some(pg.url()),
@@ -106,7 +146,9 @@ pub fn config(pg: &Pg) -> Config {
             ..Default::default()
         },
     )
-    .expect("config")
+    .expect("config");
+    config.capture = capture_mode();
+    config
 }
 
 pub async fn start_server(config: Config) -> RunningServer {
