@@ -28,15 +28,6 @@ fn spawn_server(pg: &Pg, port: u16) -> Child {
         .expect("spawn pgcast")
 }
 
-async fn metric(port: u16, name: &str) -> f64 {
-    let (_, body) = http_get(&format!("http://127.0.0.1:{port}/metrics")).await.unwrap_or_default();
-    body.lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Ids of rows inserted into `ticks` that are still in the slot, unconsumed. Waits for the
 /// slot to be released first (a killed client's walsender notices on its next send).
 async fn ids_left_in_slot(pg: &Pg) -> Vec<i64> {

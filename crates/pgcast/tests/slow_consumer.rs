@@ -1,5 +1,6 @@
-//! A client that stops reading is cut off with a reason once its bounded queue fills, while a
-//! client reading normally on the same table receives everything.
+//! A client that stops reading is cut off with a reason once its bounded queue fills (even if
+//! it never reads again), while clients reading normally on the same table receive everything,
+//! with their latency measured against a run without the stalled client.
 
 mod common;
 
@@ -71,4 +72,138 @@ async fn a_client_that_stops_reading_is_cut_off_and_others_are_not() {
 
     let (_, metrics) = http_get(&format!("http://{}/metrics", server.addr)).await.unwrap();
     assert!(metrics.contains("pgcast_slow_consumers_total 1"), "{metrics}");
+}
+
+/// Latencies (µs, commit to receipt) of the changes one reader got with id in `from..to`.
+fn latencies(samples: &[(i64, i64)], from: i64, to: i64) -> Vec<i64> {
+    samples.iter().filter(|(id, _)| (from..to).contains(id)).map(|(_, micros)| *micros).collect()
+}
+
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// A raw frame's integer field, found without parsing the whole (large) frame.
+fn field(text: &str, name: &str) -> Option<i64> {
+    let start = text.find(&format!("\"{name}\":"))? + name.len() + 3;
+    let digits: String = text[start..].chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+/// Writes rows `after+1..=after+count`, 250 a second, 8 KB each, stamped with the commit-side
+/// clock; returns the last id.
+async fn write_rows(writer: &tokio_postgres::Client, after: i64, count: i64) -> i64 {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(4));
+    for id in after + 1..=after + count {
+        tick.tick().await;
+        writer
+            .execute(
+                "INSERT INTO feed VALUES ($1, (extract(epoch FROM clock_timestamp()) * 1000000)::int8, \
+                 repeat('x', 8192))",
+                &[&(id as i32)],
+            )
+            .await
+            .expect("insert");
+    }
+    after + count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_is_cut_off_while_the_others_latency_holds() {
+    use futures_util::StreamExt;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let pg = Pg::start("stalled").await;
+    pg.publish("CREATE TABLE feed (id int PRIMARY KEY, sent_us int8 NOT NULL, body text)", &["feed"]).await;
+    let mut config = config(&pg);
+    config.outbound_queue = 64;
+    let server = start_server(config).await;
+    let port = server.addr.port();
+    let service = token("service_role", 600);
+
+    // Readers record (id, commit-to-receipt µs) for every change, from the raw frames.
+    const READERS: usize = 10;
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut readers = Vec::new();
+    let mut counts = Vec::new();
+    for _ in 0..READERS {
+        let count = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        counts.push(count.clone());
+        let mut client = Client::connect(server.addr, Some(&service), true).await;
+        client.join("realtime:feed", json!([binding("INSERT", "feed", None)]), None).await;
+        let stop = stop.clone();
+        readers.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            loop {
+                let frame = tokio::select! {
+                    frame = client.ws.next() => frame,
+                    _ = stop.notified() => break,
+                };
+                let Some(Ok(Message::Text(text))) = frame else { break };
+                let now = pgcast::server::now_micros();
+                if let (Some(id), Some(sent)) = (field(&text, "id"), field(&text, "sent_us")) {
+                    samples.push((id, now - sent));
+                    count.store(samples.len() as i64, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            samples
+        }));
+    }
+
+    let writer = pg.client().await;
+    let mut next_id = 0i64;
+    // Unloaded: every client reads.
+    next_id = write_rows(&writer, next_id, 500).await;
+    let unloaded_end = next_id + 1;
+
+    // Loaded: a client that stops reading joins; write until the server has cut it off.
+    let mut stalled = Client::connect_small_buffer(server.addr, &service).await;
+    stalled.join("realtime:feed", json!([binding("INSERT", "feed", None)]), None).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(port, "pgcast_slow_consumers_total").await < 1.0 {
+        assert!(Instant::now() < deadline, "the stalled client was never cut off");
+        next_id = write_rows(&writer, next_id, 50).await;
+    }
+    // Cut off means gone: its connection is closed even though it never reads again.
+    while metric(port, "pgcast_connections").await != READERS as f64 {
+        assert!(Instant::now() < deadline, "the stalled connection was never closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    next_id = write_rows(&writer, next_id, 100).await;
+    let loaded_end = next_id + 1;
+
+    // Every reader got every row, then compare latencies.
+    let deadline = Instant::now() + DEADLINE;
+    let got = || counts.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).collect::<Vec<_>>();
+    while got().iter().any(|&n| n < loaded_end - 1) {
+        assert!(Instant::now() < deadline, "readers did not get all {} rows: {:?}", loaded_end - 1, got());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.notify_waiters();
+    let mut unloaded = Vec::new();
+    let mut loaded = Vec::new();
+    for reader in readers {
+        let samples = reader.await.expect("reader");
+        assert_eq!(samples.len() as i64, loaded_end - 1, "each reader receives every change");
+        unloaded.extend(latencies(&samples, 1, unloaded_end));
+        loaded.extend(latencies(&samples, unloaded_end, loaded_end));
+    }
+    unloaded.sort_unstable();
+    loaded.sort_unstable();
+    let (p50_u, p99_u) = (percentile(&unloaded, 0.5), percentile(&unloaded, 0.99));
+    let (p50_l, p99_l) = (percentile(&loaded, 0.5), percentile(&loaded, 0.99));
+    println!(
+        "readers' commit-to-client latency, {READERS} readers: unloaded p50 {:.2} ms p99 {:.2} ms ({} samples); \
+         with a stalled client until it was cut off p50 {:.2} ms p99 {:.2} ms ({} samples)",
+        p50_u as f64 / 1000.0,
+        p99_u as f64 / 1000.0,
+        unloaded.len(),
+        p50_l as f64 / 1000.0,
+        p99_l as f64 / 1000.0,
+        loaded.len(),
+    );
+    // Loosely: a shared 2-core machine running debug builds is noisy.
+    assert!(p99_l <= 2 * p99_u + 20_000, "p99 {p99_l} µs with a stalled client vs {p99_u} µs without");
 }

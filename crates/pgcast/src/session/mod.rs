@@ -87,6 +87,20 @@ impl SessionHandle {
         }
     }
 
+    /// How a kicked session ends (counted as a slow consumer if that was the reason).
+    fn kicked(&self) -> Ending {
+        let (code, reason) = self
+            .kick_reason
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .unwrap_or((close_code::GOING_AWAY, "closed by server".into()));
+        if code == close_code::SLOW_CONSUMER {
+            metrics::counter!("pgcast_slow_consumers_total").increment(1);
+        }
+        Ending::Close(code, reason)
+    }
+
     /// Asks the session to close with `code` and `reason` (the first reason wins).
     pub fn kick(&self, code: u16, reason: String) {
         if let Ok(mut slot) = self.kick_reason.lock() {
@@ -174,7 +188,14 @@ impl Session {
         tracing::info!(session = self.handle.id, peer = %self.peer, "client connected");
         let claims = self.apikey.as_deref().and_then(|key| self.state.verifier.verify(key).ok());
         self.audit(AuditEvent::new(Action::Connect).claims(claims.as_ref()));
-        let ending = self.serve(&mut rx).await;
+        // The kick is watched outside `serve` too: a client that stopped reading leaves `serve`
+        // blocked in a socket write, and must still be cut off.
+        let handle = self.handle.clone();
+        let ending = tokio::select! {
+            biased;
+            _ = handle.kick.notified() => handle.kicked(),
+            ending = self.serve(&mut rx) => ending,
+        };
         self.leave_all();
         if let Some(user) = self.counted_user.take() {
             self.state.user_disconnected(&user);
@@ -198,18 +219,7 @@ impl Session {
             let expiry = self.channels.values().map(|c| c.expires_at).min();
             tokio::select! {
                 biased;
-                _ = handle.kick.notified() => {
-                    let (code, reason) = handle
-                        .kick_reason
-                        .lock()
-                        .ok()
-                        .and_then(|r| r.clone())
-                        .unwrap_or((close_code::GOING_AWAY, "closed by server".into()));
-                    if code == close_code::SLOW_CONSUMER {
-                        metrics::counter!("pgcast_slow_consumers_total").increment(1);
-                    }
-                    return Ending::Close(code, reason);
-                }
+                _ = handle.kick.notified() => return handle.kicked(),
                 _ = shutdown.wait() => {
                     return Ending::Close(close_code::GOING_AWAY, "server shutting down".into());
                 }

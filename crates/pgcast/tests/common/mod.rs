@@ -184,6 +184,16 @@ pub async fn http_get(url: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// One unlabelled value from the server's `/metrics` on `port` (0 if absent or unreachable).
+pub async fn metric(port: u16, name: &str) -> f64 {
+    let (_, body) = http_get(&format!("http://127.0.0.1:{port}/metrics")).await.unwrap_or_default();
+    body.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A raw Phoenix client speaking vsn 1.0.0 (JSON objects) unless `v2`.
