@@ -1,11 +1,14 @@
 //! Nothing lost: 10,000 changes committed at a steady rate while the server is killed with SIGKILL
-//! twice and PostgreSQL is restarted once; a resuming client ends with exactly the committed
-//! sequence, in order, with no gap and no duplicate. Both capture modes.
+//! twice and PostgreSQL is restarted once; every subscriber ends with exactly the sequence it is
+//! entitled to, in commit order, with no gap and no duplicate. Subscribers: a raw resuming client
+//! (this file) and three clients of the TypeScript SDK (clients/js, run by Node): all rows, and
+//! two filtered to one shard each. Both capture modes.
 
 mod common;
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -33,8 +36,71 @@ fn spawn(pg_url: &str, port: u16, capture: &str) -> Child {
         .expect("spawn pgcast")
 }
 
+/// Ids each SDK follower received, by follower name, fed from the Node process's stdout.
+type Followed = Arc<Mutex<HashMap<String, Vec<i64>>>>;
+
+/// SDK followers: name, filter, and the ids (1..=TOTAL) each is entitled to.
+fn followers() -> Vec<(&'static str, Option<&'static str>, Vec<i64>)> {
+    vec![
+        ("all", None, (1..=TOTAL).collect()),
+        ("shard0", Some("shard=eq.0"), (1..=TOTAL).filter(|i| i % 3 == 0).collect()),
+        ("shard1", Some("shard=eq.1"), (1..=TOTAL).filter(|i| i % 3 == 1).collect()),
+    ]
+}
+
+/// Starts the SDK followers (clients/js/test/e2e/follow.mjs) and returns once all have joined.
+async fn start_sdk_followers(addr: std::net::SocketAddr, followed: Followed) -> Child {
+    use tokio::io::AsyncBufReadExt;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let script = root.join("clients/js/test/e2e/follow.mjs");
+    assert!(
+        root.join("clients/js/dist/index.js").exists(),
+        "the SDK is not built: run `npm ci && npm run build` in clients/js (scripts/test.sh does)"
+    );
+    let specs: Vec<Value> =
+        followers().iter().map(|(name, filter, _)| json!({"name": name, "filter": filter})).collect();
+    let mut child = tokio::process::Command::new("node")
+        .arg(script)
+        .arg(format!("ws://{addr}"))
+        .arg(token("service_role", 3600))
+        .arg(Value::from(specs).to_string())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run node (scripts/test.sh installs Node.js)");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let joined = Arc::new(AtomicI64::new(0));
+    let joined_count = joined.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let event: Value =
+                serde_json::from_str(&line).unwrap_or_else(|_| panic!("follower said {line:?}"));
+            let name = event["c"].as_str().unwrap_or_default().to_string();
+            if let Some(id) = event["id"].as_i64() {
+                followed.lock().unwrap().entry(name).or_default().push(id);
+            } else if event["subscribed"] == true {
+                joined_count.fetch_add(1, Ordering::Relaxed);
+            } else if event.get("resync").is_some() || event.get("error").is_some() {
+                // Recorded as an impossible id so the comparison fails with the reason printed.
+                eprintln!("SDK follower {name}: {event}");
+                followed.lock().unwrap().entry(name).or_default().push(-1);
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while joined.load(Ordering::Relaxed) < followers().len() as i64 {
+        assert!(Instant::now() < deadline, "the SDK followers did not all join");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child
+}
+
 /// A client that keeps reconnecting and resuming until it has `TOTAL` ids.
-async fn resuming_client(addr: std::net::SocketAddr, received: Arc<AtomicI64>) -> Vec<i64> {
+async fn resuming_client(
+    addr: std::net::SocketAddr,
+    received: Arc<AtomicI64>,
+    joined: Arc<AtomicBool>,
+) -> Vec<i64> {
     let service = token("service_role", 3600);
     let mut ids = Vec::new();
     let mut from: Option<Value> = None;
@@ -56,6 +122,9 @@ async fn resuming_client(addr: std::net::SocketAddr, received: Arc<AtomicI64>) -
         client.push("realtime:ticks", "phx_join", json!({"config": config})).await;
         while let Some(frame) = client.next(Duration::from_secs(5)).await {
             match frame["event"].as_str() {
+                Some("phx_reply") if frame["payload"]["status"] == "ok" => {
+                    joined.store(true, Ordering::Relaxed)
+                }
                 Some("postgres_changes") => {
                     let data = &frame["payload"]["data"];
                     ids.push(data["record"]["id"].as_i64().unwrap());
@@ -78,7 +147,7 @@ async fn resuming_client(addr: std::net::SocketAddr, received: Arc<AtomicI64>) -
 
 async fn run(capture: &str) {
     let mut pg = Pg::start(&format!("nothinglost-{capture}")).await;
-    pg.exec("CREATE TABLE ticks (id bigint PRIMARY KEY)").await;
+    pg.exec("CREATE TABLE ticks (id bigint PRIMARY KEY, shard int NOT NULL)").await;
     let db = pgcast::db::Db::new(&pg.url());
     if capture == "trigger" {
         pgcast::capture::outbox::add_table(&db, "public", "ticks").await.unwrap();
@@ -92,9 +161,16 @@ async fn run(capture: &str) {
     wait_ready(&format!("http://{addr}")).await;
 
     let received = Arc::new(AtomicI64::new(0));
-    let client = tokio::spawn(resuming_client(addr, received.clone()));
-    // Let the client subscribe before the first commit.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let joined = Arc::new(AtomicBool::new(false));
+    let client = tokio::spawn(resuming_client(addr, received.clone(), joined.clone()));
+    let followed: Followed = Arc::default();
+    let _node = start_sdk_followers(addr, followed.clone()).await;
+    // Everyone subscribes before the first commit.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !joined.load(Ordering::Relaxed) {
+        assert!(Instant::now() < deadline, "the resuming client never joined");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let committed = Arc::new(AtomicI64::new(0));
     let url = pg.url();
@@ -118,7 +194,7 @@ async fn run(capture: &str) {
             let Some(c) = client.as_ref() else { continue };
             // Idempotent: a transaction retried after a lost acknowledgement changes nothing.
             let sql = format!(
-                "INSERT INTO ticks SELECT g FROM generate_series({next}, {}) g ON CONFLICT DO NOTHING",
+                "INSERT INTO ticks SELECT g, g % 3 FROM generate_series({next}, {}) g ON CONFLICT DO NOTHING",
                 next + PER_TRANSACTION - 1
             );
             if c.batch_execute(&sql).await.is_ok() {
@@ -178,6 +254,44 @@ async fn run(capture: &str) {
         let mut seen = std::collections::HashSet::new();
         let dupes: Vec<i64> = ids.iter().filter(|i| !seen.insert(**i)).copied().take(10).collect();
         panic!("{capture}: {} received, missing {missing:?}, duplicated {dupes:?}", ids.len());
+    }
+
+    // The SDK followers: each exactly its own rows, in order.
+    let count = |name: &str| followed.lock().unwrap().get(name).map_or(0, Vec::len);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (name, _, expected) in followers() {
+        while count(name) < expected.len() {
+            assert!(
+                Instant::now() < deadline,
+                "{capture}: SDK follower {name} has {} of {}",
+                count(name),
+                expected.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // A duplicate would arrive right behind the last row: give it the time a live change takes.
+    pg.exec("INSERT INTO ticks VALUES (0, 0)").await;
+    for (name, expected) in [("all", TOTAL as usize + 1), ("shard0", (TOTAL / 3) as usize + 1)] {
+        while count(name) < expected {
+            assert!(Instant::now() < deadline, "{capture}: SDK follower {name} never saw the closing row");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for (name, _, mut expected) in followers() {
+        if name != "shard1" {
+            expected.push(0);
+        }
+        let got = followed.lock().unwrap().get(name).cloned().unwrap_or_default();
+        if got != expected {
+            let missing: Vec<i64> = expected.iter().filter(|i| !got.contains(i)).copied().take(10).collect();
+            let mut seen = std::collections::HashSet::new();
+            let dupes: Vec<i64> = got.iter().filter(|i| !seen.insert(**i)).copied().take(10).collect();
+            panic!(
+                "{capture}: SDK follower {name}: {} received, missing {missing:?}, duplicated {dupes:?}",
+                got.len()
+            );
+        }
     }
     server.start_kill().ok();
 }
