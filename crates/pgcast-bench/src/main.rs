@@ -1,0 +1,347 @@
+//! `pgcast-bench`: the project's load generator. It opens many WebSocket clients speaking the
+//! Supabase Realtime protocol against pgcast, drives commits and broadcasts, and reports
+//! connections held, server memory per connection, commit-to-client latency percentiles,
+//! deliveries per second, errors and the server's CPU time, as JSON (`--out`) and a table.
+//!
+//! This file is the binary's edge: the command line, the scenario definitions with their
+//! defaults, and turning errors into a message and an exit status (`anyhow` throughout, as a
+//! binary). The hidden `worker` subcommand is how the bench re-executes itself to hold more
+//! sockets than one process may open.
+//!
+//! It is not a correctness test of pgcast (the integration tests are) and it asserts no
+//! figure; it only measures, on loopback, with bounded counts and durations.
+
+mod client;
+mod histogram;
+mod http;
+mod load;
+mod report;
+mod scenario;
+mod target;
+mod worker;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::client::Shape;
+use crate::load::{CommitPlan, Via};
+use crate::scenario::{Load, RunOptions, Scenario};
+use crate::target::TargetOptions;
+use crate::worker::Segment;
+
+#[derive(Parser)]
+#[command(name = "pgcast-bench", version, about = "Load generator and measurements for pgcast")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Memory per connection: many clients connect, join and stay idle (heartbeats only).
+    IdleConnections(IdleArgs),
+    /// Commit-to-client latency: commits at a fixed rate fanned out to own-rows subscribers
+    /// (filter user_id=eq.<k>) plus table-wide subscribers.
+    Fanout(FanoutArgs),
+    /// One broadcast topic with many members; raises the broadcast rate stage by stage to find
+    /// the highest delivery rate sustained without loss.
+    Broadcast(BroadcastArgs),
+    /// One large transaction: time until every subscriber has all of its rows.
+    Burst(BurstArgs),
+    /// Internal: runs a share of the clients for a coordinating pgcast-bench (JSON lines on
+    /// stdin and stdout).
+    #[command(hide = true)]
+    Worker,
+}
+
+#[derive(Args, Clone)]
+struct IdleArgs {
+    /// Connections to open.
+    #[arg(long, default_value_t = 19_000)]
+    clients: usize,
+    /// What each connection subscribes to.
+    #[arg(long, value_enum, default_value = "own-rows")]
+    shape: Shape,
+    /// How long to hold the connections once all are joined.
+    #[arg(long, default_value_t = 10.0)]
+    duration_secs: f64,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Args, Clone)]
+struct FanoutArgs {
+    /// Own-rows subscribers (client k subscribes to user_id=eq.k).
+    #[arg(long, default_value_t = 10_000)]
+    clients: usize,
+    /// Table-wide subscribers (every row).
+    #[arg(long, default_value_t = 100)]
+    table_wide: usize,
+    /// Commits per second.
+    #[arg(long, default_value_t = 2_000.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 30.0)]
+    duration_secs: f64,
+    #[arg(long, default_value_t = 1)]
+    rows_per_commit: u32,
+    /// PostgreSQL connections the commits are spread over.
+    #[arg(long, default_value_t = 4)]
+    writers: usize,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Args, Clone)]
+struct BroadcastArgs {
+    /// Members of the broadcast topic.
+    #[arg(long, default_value_t = 10_000)]
+    clients: usize,
+    /// Broadcasts per second, one stage per value (comma-separated), each --duration-secs long.
+    #[arg(long, value_delimiter = ',', default_value = "10,25,50,100,200")]
+    rate: Vec<f64>,
+    #[arg(long, default_value_t = 5.0)]
+    duration_secs: f64,
+    /// How the broadcasts are sent.
+    #[arg(long, value_enum, default_value = "ws")]
+    via: Via,
+    /// Run every stage even after one is not sustained.
+    #[arg(long)]
+    keep_going: bool,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Args, Clone)]
+struct BurstArgs {
+    /// Own-rows subscribers (rows are spread over their user ids).
+    #[arg(long, default_value_t = 1_000)]
+    clients: usize,
+    /// Table-wide subscribers (receive every row).
+    #[arg(long, default_value_t = 10)]
+    table_wide: usize,
+    /// Rows in the one transaction.
+    #[arg(long, default_value_t = 50_000)]
+    rows: u32,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Args, Clone)]
+struct CommonArgs {
+    /// Write the JSON report here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The pgcast binary to spawn [default: `pgcast` next to this executable].
+    #[arg(long)]
+    pgcast_bin: Option<PathBuf>,
+    /// Use a running server (ws://host:port) instead of spawning one; needs --database-url and
+    /// --jwt-secret, and --server-pid for memory and CPU figures.
+    #[arg(long)]
+    server_url: Option<String>,
+    #[arg(long)]
+    database_url: Option<String>,
+    #[arg(long)]
+    server_pid: Option<u32>,
+    #[arg(long, hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Publication the bench table is added to.
+    #[arg(long, default_value = "pgcast")]
+    publication: String,
+    /// Capture the bench table with the outbox trigger instead of logical replication.
+    #[arg(long)]
+    trigger_capture: bool,
+    /// `outbound_queue` of the spawned server [default: the server's default].
+    #[arg(long)]
+    outbound_queue: Option<usize>,
+    /// Extra `key = value` line for the spawned server's config file (repeatable).
+    #[arg(long = "server-setting")]
+    server_settings: Vec<String>,
+    /// PGCAST_LOG of the spawned server (its log is written to a file).
+    #[arg(long, default_value = "warn")]
+    server_log_level: String,
+    /// Clients per process; past this the bench runs worker child processes (each process may
+    /// open at most 20,000 files).
+    #[arg(long, default_value_t = 18_000)]
+    clients_per_process: usize,
+    /// Client i connects from 127.0.0.(1 + i % N), so no source address runs out of ports.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(1..=254))]
+    source_ips: u8,
+    /// WebSocket handshakes in flight per process.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// Heartbeat period of every client (realtime-js uses 25 s).
+    #[arg(long, default_value_t = 25)]
+    heartbeat_secs: u64,
+    /// How long to wait after a stage for deliveries still on their way.
+    #[arg(long, default_value_t = 10.0)]
+    drain_secs: f64,
+    /// Pause after all clients joined before reading the server's RSS.
+    #[arg(long, default_value_t = 2.0)]
+    settle_secs: f64,
+    /// Filler text in each row and broadcast.
+    #[arg(long, default_value_t = 32)]
+    payload_bytes: usize,
+}
+
+impl CommonArgs {
+    fn options(&self) -> RunOptions {
+        let mut server_config = self.server_settings.clone();
+        if let Some(queue) = self.outbound_queue {
+            server_config.push(format!("outbound_queue = {queue}"));
+        }
+        RunOptions {
+            target: TargetOptions {
+                pgcast_bin: self.pgcast_bin.clone(),
+                server_url: self.server_url.clone(),
+                database_url: self.database_url.clone(),
+                server_pid: self.server_pid,
+                jwt_secret: self.jwt_secret.clone(),
+                publication: self.publication.clone(),
+                trigger_capture: self.trigger_capture,
+                server_config,
+                server_log_level: self.server_log_level.clone(),
+            },
+            clients_per_process: self.clients_per_process,
+            source_ips: self.source_ips,
+            connect_concurrency: self.connect_concurrency,
+            heartbeat_secs: self.heartbeat_secs,
+            drain_secs: self.drain_secs,
+            settle_secs: self.settle_secs,
+        }
+    }
+
+    fn body(&self) -> String {
+        "x".repeat(self.payload_bytes)
+    }
+
+    fn parameters(&self) -> serde_json::Value {
+        json!({
+            "capture": if self.trigger_capture { "trigger" } else { "replication" },
+            "outbound_queue": self.outbound_queue,
+            "server_settings": self.server_settings,
+            "clients_per_process": self.clients_per_process,
+            "source_ips": self.source_ips,
+            "heartbeat_secs": self.heartbeat_secs,
+            "drain_secs": self.drain_secs,
+            "payload_bytes": self.payload_bytes,
+        })
+    }
+}
+
+fn secs(value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value).with_context(|| format!("{value} is not a duration in seconds"))
+}
+
+fn scenario_of(command: &Command) -> anyhow::Result<(Scenario, &CommonArgs)> {
+    Ok(match command {
+        Command::IdleConnections(a) => (
+            Scenario {
+                name: "idle-connections",
+                segments: vec![Segment { shape: a.shape, count: a.clients }],
+                load: Load::Hold(secs(a.duration_secs)?),
+                parameters: json!({"clients": a.clients, "shape": a.shape, "duration_secs": a.duration_secs, "common": a.common.parameters()}),
+            },
+            &a.common,
+        ),
+        Command::Fanout(a) => (
+            Scenario {
+                name: "fanout",
+                segments: vec![
+                    Segment { shape: Shape::OwnRows, count: a.clients },
+                    Segment { shape: Shape::TableWide, count: a.table_wide },
+                ],
+                load: Load::Commits(CommitPlan {
+                    rate: a.rate,
+                    duration: secs(a.duration_secs)?,
+                    rows_per_commit: a.rows_per_commit,
+                    users: a.clients as u64,
+                    writers: a.writers,
+                    body: a.common.body(),
+                }),
+                parameters: json!({
+                    "clients": a.clients, "table_wide": a.table_wide, "rate": a.rate,
+                    "duration_secs": a.duration_secs, "rows_per_commit": a.rows_per_commit,
+                    "writers": a.writers, "common": a.common.parameters(),
+                }),
+            },
+            &a.common,
+        ),
+        Command::Broadcast(a) => (
+            Scenario {
+                name: "broadcast",
+                segments: vec![Segment { shape: Shape::Broadcast, count: a.clients }],
+                load: Load::Broadcasts {
+                    rates: a.rate.clone(),
+                    duration: secs(a.duration_secs)?,
+                    via: a.via,
+                    body: a.common.body(),
+                    stop_when_unsustained: !a.keep_going,
+                },
+                parameters: json!({
+                    "clients": a.clients, "rates": a.rate, "duration_secs": a.duration_secs,
+                    "via": a.via, "keep_going": a.keep_going, "common": a.common.parameters(),
+                }),
+            },
+            &a.common,
+        ),
+        Command::Burst(a) => (
+            Scenario {
+                name: "burst",
+                segments: vec![
+                    Segment { shape: Shape::OwnRows, count: a.clients },
+                    Segment { shape: Shape::TableWide, count: a.table_wide },
+                ],
+                load: Load::Burst { rows: a.rows, body: a.common.body() },
+                parameters: json!({
+                    "clients": a.clients, "table_wide": a.table_wide, "rows": a.rows,
+                    "common": a.common.parameters(),
+                }),
+            },
+            &a.common,
+        ),
+        Command::Worker => anyhow::bail!("worker is not a scenario"),
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if matches!(cli.command, Command::Worker) {
+        return worker::serve_stdio().await;
+    }
+    let (scenario, common) = scenario_of(&cli.command)?;
+    if let Load::Commits(plan) = &scenario.load {
+        anyhow::ensure!(plan.rate > 0.0, "--rate must be positive");
+    }
+    if let Load::Broadcasts { rates, .. } = &scenario.load {
+        anyhow::ensure!(rates.iter().all(|r| *r > 0.0), "--rate values must be positive");
+    }
+    let options = common.options();
+    let out = common.out.clone();
+    let report = tokio::select! {
+        report = scenario::run(scenario, options) => report?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; servers and workers stopped"),
+    };
+    print!("{}", report.table());
+    if let Some(path) = out {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("[pgcast-bench] report written to {}", path.display());
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgcast-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
