@@ -102,7 +102,7 @@ struct BroadcastArgs {
     #[arg(long, default_value_t = 10_000)]
     clients: usize,
     /// Broadcasts per second, one stage per value (comma-separated), each --duration-secs long.
-    #[arg(long, value_delimiter = ',', default_value = "10,25,50,100,200")]
+    #[arg(long, value_delimiter = ',', default_value = "10,15,20,30,50,75,100")]
     rate: Vec<f64>,
     #[arg(long, default_value_t = 5.0)]
     duration_secs: f64,
@@ -112,6 +112,10 @@ struct BroadcastArgs {
     /// Run every stage even after one is not sustained.
     #[arg(long)]
     keep_going: bool,
+    /// A stage is sustained when nothing is missing, deliveries keep up with 95% of the offered
+    /// rate, and p99 latency stays within this (a growing backlog shows here first).
+    #[arg(long, default_value_t = 500.0)]
+    sustain_p99_ms: f64,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -281,10 +285,12 @@ fn scenario_of(command: &Command) -> anyhow::Result<(Scenario, &CommonArgs)> {
                     via: a.via,
                     body: a.common.body(),
                     stop_when_unsustained: !a.keep_going,
+                    sustain_p99_ms: a.sustain_p99_ms,
                 },
                 parameters: json!({
                     "clients": a.clients, "rates": a.rate, "duration_secs": a.duration_secs,
-                    "via": a.via, "keep_going": a.keep_going, "common": a.common.parameters(),
+                    "via": a.via, "keep_going": a.keep_going, "sustain_p99_ms": a.sustain_p99_ms,
+                    "common": a.common.parameters(),
                 }),
             },
             &a.common,
@@ -321,9 +327,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let options = common.options();
     let out = common.out.clone();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    // On a signal the run is dropped, which stops the server, PostgreSQL and the workers.
     let report = tokio::select! {
         report = scenario::run(scenario, options) => report?,
-        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; servers and workers stopped"),
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; server and workers stopped"),
+        _ = terminate.recv() => anyhow::bail!("terminated; server and workers stopped"),
     };
     print!("{}", report.table());
     if let Some(path) = out {

@@ -105,11 +105,13 @@ pub struct StageReport {
     pub burst: Option<BurstTimes>,
     pub server_cpu_secs: Option<f64>,
     pub server_cpu_cores: Option<f64>,
+    /// Server CPU time per delivery (µs): the cost independent of how busy the client side is.
+    pub server_cpu_us_per_delivery: Option<f64>,
     pub protocol_errors: u64,
     pub disconnects: u64,
     pub drain_ms: u64,
-    /// `broadcast`: nothing missing, no disconnects or send errors, deliveries kept up with
-    /// at least 90% of the offered rate.
+    /// `broadcast`: nothing missing, no disconnects or send errors, deliveries kept up with at
+    /// least 95% of the offered rate, and p99 latency within `--sustain-p99-ms`.
     pub sustained: Option<bool>,
 }
 
@@ -136,6 +138,7 @@ pub struct Errors {
 #[derive(Debug, Clone, Serialize)]
 pub struct Percentiles {
     pub count: u64,
+    pub min: f64,
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
@@ -153,6 +156,7 @@ impl Percentiles {
         let q = |q: f64| h.quantile(q).map(ms);
         Some(Percentiles {
             count: h.count,
+            min: ms(h.min),
             p50: q(0.5)?,
             p90: q(0.9)?,
             p99: q(0.99)?,
@@ -221,7 +225,7 @@ impl Report {
         if !self.stages.is_empty() {
             let _ = writeln!(
                 out,
-                "\n{:<22} {:>8} {:>9} {:>11} {:>8} {:>6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
+                "\n{:<22} {:>8} {:>9} {:>11} {:>8} {:>6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>5}",
                 "stage",
                 "sent/s",
                 "sent",
@@ -235,6 +239,7 @@ impl Report {
                 "p99.9 ms",
                 "max ms",
                 "cores",
+                "µs/del",
                 "ok"
             );
             for s in &self.stages {
@@ -242,7 +247,7 @@ impl Report {
                 let f = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
                 let _ = writeln!(
                     out,
-                    "{:<22} {:>8} {:>9} {:>11} {:>8} {:>6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
+                    "{:<22} {:>8} {:>9} {:>11} {:>8} {:>6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>5}",
                     s.name,
                     rate(s.sent_per_sec),
                     s.sent,
@@ -256,6 +261,7 @@ impl Report {
                     f(l.map(|l| l.p99_9)),
                     f(l.map(|l| l.max)),
                     s.server_cpu_cores.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into()),
+                    s.server_cpu_us_per_delivery.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into()),
                     match s.sustained {
                         Some(true) => "yes",
                         Some(false) => "NO",

@@ -36,6 +36,8 @@ pub enum Load {
         via: Via,
         body: String,
         stop_when_unsustained: bool,
+        /// A stage whose p99 latency exceeds this is not sustained (a backlog is building).
+        sustain_p99_ms: f64,
     },
     Burst {
         rows: u32,
@@ -75,6 +77,8 @@ pub async fn run(scenario: Scenario, options: RunOptions) -> anyhow::Result<Repo
         Some(url) => format!("{}: using the server at {url}", scenario.name),
         None => format!("{}: starting a private PostgreSQL and pgcast", scenario.name),
     });
+    // Before the server is spawned, so that it inherits the raised limit too.
+    target::raise_open_file_limit();
     let target = Target::start(&options.target).await?;
     if let Some(dir) = target.dir() {
         log(format!("server {} (pid {:?}), files in {}", target.server, target.pid, dir.display()));
@@ -111,7 +115,9 @@ async fn run_on(
     let rss_before = target.pid.and_then(target::rss_kib);
     let begin = read(target);
     let clients: usize = scenario.segments.iter().map(|s| s.count).sum();
-    let per_process = options.clients_per_process.max(1);
+    // Leave room for the process's other files (PostgreSQL connections, pipes, libraries).
+    let open_files = target::raise_open_file_limit();
+    let per_process = options.clients_per_process.min(open_files.saturating_sub(500) as usize).max(1);
     let processes = clients.div_ceil(per_process).max(1);
     log(format!(
         "connecting {clients} clients from {} source addresses in {processes} {}",
@@ -210,7 +216,7 @@ async fn run_on(
             all_latency.merge(&result.latency);
             stages.push(stage);
         }
-        Load::Broadcasts { rates, duration, via, body, stop_when_unsustained } => {
+        Load::Broadcasts { rates, duration, via, body, stop_when_unsustained, sustain_p99_ms } => {
             let claims = json!({"role": "service_role", "sub": "bench-sender", "exp": pgcast::auth::now_secs() + 24 * 3600});
             let token =
                 pgcast::auth::sign(&target.jwt_secret, &claims).context("signing the sender token")?;
@@ -254,7 +260,8 @@ async fn run_on(
                     && stage.disconnects == 0
                     && stage.send_errors == 0
                     && stage.deliveries > 0
-                    && stage.deliveries_per_sec.unwrap_or(0.0) >= 0.9 * offered;
+                    && stage.deliveries_per_sec.unwrap_or(0.0) >= 0.95 * offered
+                    && stage.latency_ms.as_ref().is_some_and(|l| l.p99 <= *sustain_p99_ms);
                 stage.sustained = Some(sustained);
                 log(format!(
                     "{:.0} deliveries/s (offered {offered:.0}), {} missing, p99 {} ms: {}",
@@ -310,10 +317,10 @@ async fn run_on(
                 (secs > 0.0).then(|| result.deliveries as f64 / secs)
             });
             log(format!(
-                "{} of {} subscribers complete; all rows everywhere {} ms after COMMIT",
+                "{} of {} subscribers complete; every subscriber had all its rows {} ms after COMMIT",
                 result.clients_complete,
                 result.clients_expecting,
-                stage.time_to_all_ms.map(|t| format!("{t:.1}")).unwrap_or_else(|| "never".into())
+                stage.time_to_all_ms.map(|t| format!("{t:.1}")).unwrap_or_else(|| "(not reached)".into())
             ));
             all_latency.merge(&result.latency.shifted_down(offset));
             stages.push(stage);
@@ -472,6 +479,9 @@ fn stage_report(
         burst: None,
         server_cpu_secs: cpu_secs,
         server_cpu_cores: cpu_cores,
+        server_cpu_us_per_delivery: cpu_secs
+            .filter(|_| result.deliveries > 0)
+            .map(|secs| secs * 1e6 / result.deliveries as f64),
         protocol_errors: result.protocol_errors,
         disconnects: result.disconnects,
         drain_ms: result.drain_ms,
