@@ -147,11 +147,15 @@ struct CommonArgs {
     /// --jwt-secret, and --server-pid for memory and CPU figures.
     #[arg(long)]
     server_url: Option<String>,
+    /// PostgreSQL the server streams from (with --server-url); the bench creates its table
+    /// there and commits into it.
     #[arg(long)]
     database_url: Option<String>,
+    /// Process id of the server (with --server-url), for RSS and CPU time from /proc.
     #[arg(long)]
     server_pid: Option<u32>,
-    #[arg(long, hide_env_values = true)]
+    /// HS256 secret the server verifies tokens with (with --server-url).
+    #[arg(long)]
     jwt_secret: Option<String>,
     /// Publication the bench table is added to.
     #[arg(long, default_value = "pgcast")]
@@ -325,6 +329,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Load::Broadcasts { rates, .. } = &scenario.load {
         anyhow::ensure!(rates.iter().all(|r| *r > 0.0), "--rate values must be positive");
     }
+    secs(common.drain_secs).context("--drain-secs")?;
+    secs(common.settle_secs).context("--settle-secs")?;
     let options = common.options();
     let out = common.out.clone();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
