@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use axum::extract::ws::Message;
+use axum::serve::ListenerExt;
 
 use crate::audit::AuditLog;
 use crate::auth::Verifier;
@@ -308,6 +309,13 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let app = crate::http::routes(state.clone());
     let mut http_shutdown = shutdown.clone();
     let http = tokio::spawn(async move {
+        // TCP_NODELAY: sessions batch their writes themselves; Nagle's algorithm would hold a
+        // small frame back until the client's delayed ACK (up to 40 ms on Linux).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
         let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move { http_shutdown.wait().await });
         if let Err(e) = serve.await {
