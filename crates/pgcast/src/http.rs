@@ -26,8 +26,9 @@ use crate::server::{update_gauges, AppState};
 use crate::session::Session;
 
 /// Bytes the WebSocket reader buffers per connection; tungstenite's default (128 KiB) would
-/// dominate per-connection memory.
-const WS_READ_BUFFER: usize = 4096;
+/// dominate per-connection memory. Client frames are small (heartbeats, joins, broadcasts); a
+/// larger one grows the buffer for as long as it takes to read it.
+const WS_READ_BUFFER: usize = 1024;
 
 pub fn routes(state: Arc<AppState>) -> Router {
     Router::new()
@@ -63,8 +64,7 @@ async fn websocket(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            let (session, queue) = Session::new(socket, state, peer, vsn, apikey);
-            session.run(queue).await;
+            Session::new(socket, state, peer, vsn, apikey).run().await;
             drop(guard);
         })
 }

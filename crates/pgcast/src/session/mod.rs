@@ -19,7 +19,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::audit::{Action, AuditEvent};
@@ -33,10 +33,15 @@ use crate::router::Fanout;
 use crate::server::AppState;
 
 mod messages;
+mod queue;
 mod subscribe;
+
+use queue::{PushError, Queue};
 
 /// Most messages written before one flush.
 const WRITE_BATCH: usize = 64;
+/// Batch capacity kept between writes.
+const IDLE_BATCH: usize = 4;
 /// How long a close frame may take to reach a client before the socket is dropped anyway.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -52,7 +57,7 @@ pub mod close_code {
 }
 
 /// A message on its way to one or more connections: the bytes are shared, not copied.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Outbound {
     /// A text or binary frame; cloning it shares the bytes.
     pub message: Message,
@@ -65,7 +70,7 @@ pub struct Outbound {
 pub struct SessionHandle {
     pub id: u64,
     pub vsn: Vsn,
-    queue: mpsc::Sender<Outbound>,
+    queue: Queue,
     kick_reason: Mutex<Option<(u16, String)>>,
     kick: Notify,
 }
@@ -74,16 +79,16 @@ impl SessionHandle {
     /// Queues a message; if the queue is full the session is cut off (it will be closed with a
     /// reason) and `false` is returned.
     pub fn deliver(&self, message: Outbound) -> bool {
-        match self.queue.try_send(message) {
+        match self.queue.try_push(message) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(PushError::Full) => {
                 self.kick(
                     close_code::SLOW_CONSUMER,
-                    format!("slow consumer: more than {} messages queued", self.queue.max_capacity()),
+                    format!("slow consumer: more than {} messages queued", self.queue.capacity()),
                 );
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(PushError::Closed) => false,
         }
     }
 
@@ -115,8 +120,9 @@ impl SessionHandle {
 /// A channel this connection has joined.
 struct JoinedChannel {
     join_ref: Option<String>,
-    /// The join's `postgres_changes` bindings, kept to re-bind them when the token changes.
-    bindings: Vec<Value>,
+    /// The join's `postgres_changes` bindings, kept (as compact JSON, not as parsed maps: this
+    /// stays in memory for every joined channel) to re-bind them when the token changes.
+    bindings: Option<Box<str>>,
     subscriptions: Vec<Arc<Subscription>>,
     claims: Claims,
     expires_at: Instant,
@@ -138,7 +144,9 @@ pub struct Session {
     socket: WebSocket,
     peer: SocketAddr,
     apikey: Option<String>,
-    channels: HashMap<String, JoinedChannel>,
+    /// Boxed: a map allocates room for several entries at once, and most connections join one
+    /// or two channels.
+    channels: HashMap<String, Box<JoinedChannel>>,
     /// Client frames per second (`max_messages_per_second`).
     limiter: DefaultDirectRateLimiter,
     /// The user this connection counts against (`max_connections_per_user`), once known.
@@ -158,44 +166,37 @@ impl Session {
         peer: SocketAddr,
         vsn: Vsn,
         apikey: Option<String>,
-    ) -> (Session, mpsc::Receiver<Outbound>) {
-        let (queue, rx) = mpsc::channel(state.config.outbound_queue);
+    ) -> Session {
         let handle = Arc::new(SessionHandle {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             vsn,
-            queue,
+            queue: Queue::new(state.config.outbound_queue),
             kick_reason: Mutex::new(None),
             kick: Notify::new(),
         });
         let rate = NonZeroU32::new(state.config.max_messages_per_second).unwrap_or(NonZeroU32::MIN);
         let limiter = RateLimiter::direct(Quota::per_second(rate));
-        let session = Session {
-            handle,
-            state,
-            socket,
-            peer,
-            apikey,
-            channels: HashMap::new(),
-            limiter,
-            counted_user: None,
-        };
-        (session, rx)
+        Session { handle, state, socket, peer, apikey, channels: HashMap::new(), limiter, counted_user: None }
     }
 
     /// Runs the connection until the client leaves, is cut off, or the server shuts down.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Outbound>) {
+    pub async fn run(mut self) {
         metrics::gauge!("pgcast_connections").increment(1.0);
         tracing::info!(session = self.handle.id, peer = %self.peer, "client connected");
-        let claims = self.apikey.as_deref().and_then(|key| self.state.verifier.verify(key).ok());
-        self.audit(AuditEvent::new(Action::Connect).claims(claims.as_ref()));
+        {
+            // Scoped: the claims must not live on in this connection's task.
+            let claims = self.apikey.as_deref().and_then(|key| self.state.verifier.verify(key).ok());
+            self.audit(AuditEvent::new(Action::Connect).claims(claims.as_ref()));
+        }
         // The kick is watched outside `serve` too: a client that stopped reading leaves `serve`
         // blocked in a socket write, and must still be cut off.
         let handle = self.handle.clone();
         let ending = tokio::select! {
             biased;
             _ = handle.kick.notified() => handle.kicked(),
-            ending = self.serve(&mut rx) => ending,
+            ending = self.serve() => ending,
         };
+        handle.queue.close();
         self.leave_all();
         if let Some(user) = self.counted_user.take() {
             self.state.user_disconnected(&user);
@@ -209,12 +210,13 @@ impl Session {
         metrics::gauge!("pgcast_connections").decrement(1.0);
     }
 
-    async fn serve(&mut self, rx: &mut mpsc::Receiver<Outbound>) -> Ending {
+    async fn serve(&mut self) -> Ending {
         let heartbeat_timeout = self.state.config.heartbeat_timeout;
         let mut heartbeat_deadline = Instant::now() + heartbeat_timeout;
         let mut shutdown = self.state.shutdown.clone();
         let handle = self.handle.clone();
-        let mut batch: Vec<Outbound> = Vec::with_capacity(WRITE_BATCH);
+        // Grows on demand and is trimmed after each write: idle connections hold no batch.
+        let mut batch: Vec<Outbound> = Vec::new();
         loop {
             let expiry = self.channels.values().map(|c| c.expires_at).min();
             tokio::select! {
@@ -223,28 +225,29 @@ impl Session {
                 _ = shutdown.wait() => {
                     return Ending::Close(close_code::GOING_AWAY, "server shutting down".into());
                 }
-                count = rx.recv_many(&mut batch, WRITE_BATCH) => {
-                    if count == 0 {
-                        return Ending::Gone;
-                    }
+                _ = handle.queue.pop_many(&mut batch, WRITE_BATCH) => {
                     if self.write_batch(&mut batch).await.is_err() {
                         return Ending::Gone;
                     }
+                    batch.shrink_to(IDLE_BATCH);
                 }
                 incoming = self.socket.recv() => {
                     heartbeat_deadline = Instant::now() + heartbeat_timeout;
                     match incoming {
                         Some(Ok(Message::Text(text))) => {
-                            if self.handle_text(text.as_str()).await.is_err() {
+                            // Boxed, like the other client-frame handlers: their state
+                            // machines are large and would otherwise sit in every idle
+                            // connection's task.
+                            if Box::pin(self.handle_text(text.as_str())).await.is_err() {
                                 return Ending::Gone;
                             }
                         }
                         Some(Ok(Message::Binary(bytes))) => {
                             let outcome = if self.limiter.check().is_err() {
                                 metrics::counter!("pgcast_rate_limited_total").increment(1);
-                                self.send_error_notice("rate limit exceeded: binary frame dropped").await
+                                Box::pin(self.send_error_notice("rate limit exceeded: binary frame dropped")).await
                             } else {
-                                self.handle_binary(&bytes).await
+                                Box::pin(self.handle_binary(&bytes)).await
                             };
                             if outcome.is_err() {
                                 return Ending::Gone;
@@ -272,7 +275,7 @@ impl Session {
                     );
                 }
                 _ = sleep_until_opt(expiry) => {
-                    if self.expire_channels().await.is_err() {
+                    if Box::pin(self.expire_channels()).await.is_err() {
                         return Ending::Gone;
                     }
                 }
@@ -503,9 +506,9 @@ impl Session {
         let has_changes = !subscriptions.is_empty();
         self.channels.insert(
             frame.topic.clone(),
-            JoinedChannel {
+            Box::new(JoinedChannel {
                 join_ref: frame.join_ref.clone(),
-                bindings,
+                bindings: (!bindings.is_empty()).then(|| Value::from(bindings).to_string().into_boxed_str()),
                 subscriptions,
                 claims,
                 expires_at,
@@ -514,7 +517,7 @@ impl Session {
                 ack,
                 presence_key,
                 presence_synced: false,
-            },
+            }),
         );
         metrics::gauge!("pgcast_channels").increment(1.0);
         self.reply(&frame, "ok", json!({ "postgres_changes": response })).await?;
@@ -711,13 +714,15 @@ impl Session {
         };
         let Some(channel) = self.channels.get(&frame.topic) else { return Ok(()) };
         let access = self.state.policy.channel_access(channel_name(&frame.topic), channel.private, &claims);
-        if !access.admits(!channel.bindings.is_empty()) {
+        if !access.admits(channel.bindings.is_some()) {
             let message =
                 format!("role {:?} may not stay on channel {:?}", claims.role, channel_name(&frame.topic));
             return self.close_channel(&frame.topic, message).await;
         }
         let topic: Arc<str> = Arc::from(frame.topic.as_str());
-        let bindings = channel.bindings.clone();
+        // Written by `join` from parsed JSON, so it parses.
+        let bindings: Vec<Value> =
+            channel.bindings.as_deref().and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default();
         let subscriptions =
             match subscribe::subscribe(&self.state, &self.handle, &topic, &bindings, &claims, None).await {
                 Ok((subscriptions, _)) => subscriptions,
