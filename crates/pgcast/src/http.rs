@@ -29,6 +29,10 @@ use crate::session::Session;
 /// dominate per-connection memory. Client frames are small (heartbeats, joins, broadcasts); a
 /// larger one grows the buffer for as long as it takes to read it.
 const WS_READ_BUFFER: usize = 1024;
+/// Bytes of frames gathered before a socket write: a session feeds a batch of queued messages
+/// and flushes once, so a backlog leaves in a few syscalls instead of one per message. The
+/// buffer only grows as far as a burst needs.
+const WS_WRITE_BUFFER: usize = 16 * 1024;
 
 pub fn routes(state: Arc<AppState>) -> Router {
     Router::new()
@@ -60,7 +64,7 @@ async fn websocket(
     let guard = state.session_guard();
     upgrade
         .read_buffer_size(WS_READ_BUFFER)
-        .write_buffer_size(0)
+        .write_buffer_size(WS_WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
