@@ -102,7 +102,7 @@ struct BroadcastArgs {
     #[arg(long, default_value_t = 10_000)]
     clients: usize,
     /// Broadcasts per second, one stage per value (comma-separated), each --duration-secs long.
-    #[arg(long, value_delimiter = ',', default_value = "10,15,20,30,50,75,100")]
+    #[arg(long, value_delimiter = ',', default_value = "20,50,100,150,200")]
     rate: Vec<f64>,
     #[arg(long, default_value_t = 5.0)]
     duration_secs: f64,
