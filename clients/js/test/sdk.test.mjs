@@ -2,107 +2,28 @@
 // phone changing networks: the client reconnects by itself and resumes with no gap.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
-import net from 'node:net';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
 import WebSocket from 'ws';
-import pg from 'pg';
 import React from 'react';
 import TestRenderer from 'react-test-renderer';
 import { PgcastClient } from '../dist/index.js';
 import { useConnectionStatus, useTableChanges } from '../dist/react.js';
+import { proxy, startDemo, waitFor } from './harness.mjs';
 
-const BIN = process.env.PGCAST_BIN ?? resolve(import.meta.dirname, '../../../target/debug/pgcast');
 let demo;
 let info;
 let db;
-let dataDir;
-
-function freePort() {
-  return new Promise((res) => {
-    const srv = net.createServer();
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => res(port));
-    });
-  });
-}
-
-async function waitFor(what, predicate, ms = 20_000) {
-  const deadline = Date.now() + ms;
-  while (Date.now() < deadline) {
-    if (predicate()) return;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
-
-/** A TCP proxy to pgcast whose connections can be cut and refused for a while. */
-async function proxy(targetPort) {
-  const sockets = new Set();
-  let open = true;
-  const server = net.createServer((client) => {
-    if (!open) return client.destroy();
-    const upstream = net.connect(targetPort, '127.0.0.1');
-    for (const [a, b] of [[client, upstream], [upstream, client]]) {
-      sockets.add(a);
-      a.pipe(b);
-      a.on('error', () => {});
-      a.on('close', () => {
-        sockets.delete(a);
-        b.destroy();
-      });
-    }
-  });
-  const port = await new Promise((res) => server.listen(0, '127.0.0.1', () => res(server.address().port)));
-  return {
-    port,
-    cut() {
-      open = false;
-      for (const s of sockets) s.destroy();
-    },
-    restore() {
-      open = true;
-    },
-    close: () => new Promise((res) => server.close(res)),
-  };
-}
 
 before(async () => {
-  dataDir = mkdtempSync(join(tmpdir(), 'pgcast-sdk-'));
-  const args = ['demo', '--dir', dataDir, '--pg-port', String(await freePort()), '--listen', '127.0.0.1:0'];
-  demo = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, PGCAST_LOG: 'warn' } });
-  info = await new Promise((res, rej) => {
-    const timer = setTimeout(() => rej(new Error('pgcast demo did not start')), 60_000);
-    let buffered = '';
-    demo.stdout.on('data', (chunk) => {
-      buffered += chunk;
-      for (const line of buffered.split('\n')) {
-        if (line.startsWith('{') && line.includes('"demo_ready"')) {
-          clearTimeout(timer);
-          res(JSON.parse(line));
-        }
-      }
-    });
-  });
-  db = new pg.Client({ connectionString: info.database_url });
-  await db.connect();
+  demo = await startDemo();
+  ({ info, db } = demo);
 });
 
 after(async () => {
-  await db?.end();
-  if (demo && demo.exitCode === null) {
-    const exited = new Promise((res) => demo.on('exit', res));
-    demo.kill('SIGTERM');
-    await exited;
-  }
-  rmSync(dataDir, { recursive: true, force: true });
+  await demo?.stop();
 });
 
 function serverPort() {
-  return Number(new URL(info.realtime_url).port);
+  return demo.port;
 }
 
 test('a connection cut for 5 s reconnects by itself and resumes with no gap and no duplicate', async () => {
