@@ -13,14 +13,20 @@ export type Status = 'live' | 'connecting' | 'offline';
 export interface ClientOptions {
   /** A fixed token (JWT). */
   token?: string;
-  /** Called before every (re)connect and before the token expires; returns a fresh token. */
+  /**
+   * Called before every (re)connect and before the token expires (30 s before its `exp`, or
+   * half-way for a token shorter than a minute; at least 1 s apart); returns a fresh token.
+   */
   getToken?: () => string | Promise<string>;
   /** WebSocket implementation; defaults to the global one (browsers, Node 22+). */
   transport?: WebSocketLike;
   /** First reconnect delay in ms (default 1000); doubles up to `maxDelayMs` (default 30000). */
   initialDelayMs?: number;
   maxDelayMs?: number;
-  /** Reconnect attempts before going `offline` for good (default: never give up). */
+  /**
+   * Failed reconnects (after the first connect) before giving up: status `offline`, `onGiveUp`
+   * listeners called, pending `subscribe()`s rejected, until `connect()` again (default: never).
+   */
   maxAttempts?: number;
   heartbeatMs?: number;
 }
@@ -70,6 +76,9 @@ interface Push {
   reject: (error: Error) => void;
 }
 
+/** How long a push waits for its reply. */
+const PUSH_TIMEOUT_MS = 10_000;
+
 const OPEN = 1;
 
 export class PgcastClient {
@@ -81,9 +90,12 @@ export class PgcastClient {
   private pending = new Map<string, Push>();
   private channels = new Map<string, Channel>();
   private statusListeners = new Set<Listener<Status>>();
+  private giveUpListeners = new Set<Listener<number>>();
   private currentStatus: Status = 'offline';
   private attempts = 0;
   private stopped = true;
+  /** Bumped by every `open()` and `disconnect()`: an `open()` that awaited a token checks it is still current. */
+  private generation = 0;
   private heartbeat: ReturnType<typeof setInterval> | null = null;
   private retry: ReturnType<typeof setTimeout> | null = null;
   private refresh: ReturnType<typeof setTimeout> | null = null;
@@ -106,14 +118,27 @@ export class PgcastClient {
     return () => this.statusListeners.delete(listener);
   }
 
+  /**
+   * Calls `listener` with the number of attempts when the client stops reconnecting after
+   * `maxAttempts`; returns a function that stops it. Status is `offline` by then.
+   */
+  onGiveUp(listener: Listener<number>): () => void {
+    this.giveUpListeners.add(listener);
+    return () => this.giveUpListeners.delete(listener);
+  }
+
+  /** Connects, with `maxAttempts` fresh reconnects; does nothing while connected or reconnecting. */
   connect(): void {
+    if (!this.stopped) return;
     this.stopped = false;
+    this.attempts = 0;
     void this.open();
   }
 
   /** Closes for good (until `connect()` again); status becomes `offline`. */
   disconnect(): void {
     this.stopped = true;
+    this.generation += 1;
     this.clearTimers();
     this.socket?.close(1000, 'client disconnect');
     this.socket = null;
@@ -149,13 +174,19 @@ export class PgcastClient {
   }
 
   private async open(): Promise<void> {
+    const generation = ++this.generation;
     this.setStatus('connecting');
     if (this.opts.getToken) {
+      let token: string;
       try {
-        this.token = await this.opts.getToken();
+        token = await this.opts.getToken();
       } catch {
-        return this.scheduleReconnect();
+        if (generation === this.generation) this.scheduleReconnect();
+        return;
       }
+      // disconnect() (and perhaps connect()) while the token was on its way: this open is over.
+      if (generation !== this.generation) return;
+      this.token = token;
     }
     const Transport: WebSocketLike | undefined =
       this.opts.transport ?? (globalThis as unknown as { WebSocket?: WebSocketLike }).WebSocket;
@@ -199,6 +230,10 @@ export class PgcastClient {
     if (this.attempts >= this.opts.maxAttempts) {
       this.stopped = true;
       this.setStatus('offline');
+      const attempts = this.attempts;
+      for (const listener of this.giveUpListeners) listener(attempts);
+      const error = new Error(`gave up after ${attempts} reconnect attempts`);
+      for (const channel of this.channels.values()) channel.failJoin(error);
       return;
     }
     const base = Math.min(this.opts.maxDelayMs, this.opts.initialDelayMs * 2 ** this.attempts);
@@ -209,19 +244,26 @@ export class PgcastClient {
   }
 
   private scheduleTokenRefresh(): void {
-    if (!this.opts.getToken || !this.token) return;
+    const getToken = this.opts.getToken;
+    if (!getToken || !this.token) return;
     const exp = tokenExpiry(this.token);
     if (!exp) return;
-    const inMs = Math.max(1000, exp * 1000 - Date.now() - 30_000);
+    const socket = this.socket;
     this.refresh = setTimeout(async () => {
+      let token: string | undefined;
       try {
-        this.token = await this.opts.getToken!();
-        for (const channel of this.channels.values()) channel.sendToken(this.token);
+        token = await getToken();
       } catch {
-        /* the next reconnect asks again */
+        /* retried at the next refresh or reconnect */
+      }
+      // Closed while the token was on its way: the reconnect asks for one and schedules refreshes.
+      if (socket !== this.socket) return;
+      if (token) {
+        this.token = token;
+        for (const channel of this.channels.values()) channel.sendToken(token);
       }
       this.scheduleTokenRefresh();
-    }, inMs);
+    }, refreshDelay(exp * 1000 - Date.now()));
   }
 
   /** @internal Sends a frame; resolves with the reply's response, rejects on an error reply. */
@@ -231,10 +273,20 @@ export class PgcastClient {
     const ref = String(++this.ref);
     socket.send(JSON.stringify({ topic, event, payload, ref, join_ref: joinRef ?? null }));
     return new Promise((resolve, reject) => {
-      this.pending.set(ref, { resolve, reject });
-      setTimeout(() => {
+      // Cleared on the reply, so no timer outlives its push (a Node process can exit at once).
+      const timer = setTimeout(() => {
         if (this.pending.delete(ref)) reject(new Error(`${event} timed out`));
-      }, 10_000);
+      }, PUSH_TIMEOUT_MS);
+      this.pending.set(ref, {
+        resolve: (response) => {
+          clearTimeout(timer);
+          resolve(response);
+        },
+        reject: (error) => {
+          clearTimeout(timer);
+          reject(error);
+        },
+      });
     });
   }
 
@@ -360,6 +412,11 @@ export class Channel {
     this.joined = false;
   }
 
+  /** @internal The client gave up: `subscribe()`s still waiting reject; a later `connect()` rejoins. */
+  failJoin(error: Error): void {
+    for (const waiter of this.joinWaiters.splice(0)) waiter.reject(error);
+  }
+
   /** @internal */
   sendToken(token: string): void {
     if (this.joined) void this.client.push(this.topic, 'access_token', { access_token: token }, this.joinRef).catch(() => {});
@@ -456,6 +513,15 @@ export class Channel {
     const state = this.presenceState();
     for (const listener of this.presenceListeners) listener(state);
   }
+}
+
+/**
+ * When to refresh a token with `remainingMs` to live: 30 s before it expires, or half-way for a
+ * token shorter than a minute (so a 20 s token is not asked for every second); at least 1 s, so
+ * a `getToken` that keeps returning an expired token is not called in a loop.
+ */
+function refreshDelay(remainingMs: number): number {
+  return Math.max(1000, remainingMs > 60_000 ? remainingMs - 30_000 : remainingMs / 2);
 }
 
 /** `exp` of a JWT (seconds), without verifying it. */

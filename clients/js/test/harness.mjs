@@ -8,6 +8,7 @@ import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import pg from 'pg';
+import WebSocket from 'ws';
 
 const BIN = process.env.PGCAST_BIN ?? resolve(import.meta.dirname, '../../../target/debug/pgcast');
 
@@ -108,6 +109,32 @@ export async function proxy(targetPort) {
     },
     close: () => new Promise((res) => server.close(res)),
   };
+}
+
+/**
+ * The `ws` WebSocket, recording how many sockets the SDK opened and every frame it sent, for
+ * tests that check what reached the wire. It is the real transport; nothing is faked.
+ */
+export function recordingTransport() {
+  const wire = { opened: 0, sent: [] };
+  wire.transport = class RecordingWebSocket extends WebSocket {
+    constructor(...args) {
+      super(...args);
+      wire.opened += 1;
+    }
+    send(data, ...rest) {
+      wire.sent.push(JSON.parse(data));
+      super.send(data, ...rest);
+    }
+  };
+  return wire;
+}
+
+/** Rejects if `promise` has not settled within `ms`, so a hang fails fast instead of at the test timeout. */
+export function within(ms, what, promise) {
+  let timer;
+  const late = new Promise((_, rej) => (timer = setTimeout(() => rej(new Error(`${what}: not within ${ms} ms`)), ms)));
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
 }
 
 /** Inserts an appointment for `patientId` and returns its id. */
