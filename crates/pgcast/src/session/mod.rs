@@ -217,8 +217,16 @@ impl Session {
         let handle = self.handle.clone();
         // Grows on demand and is trimmed after each write: idle connections hold no batch.
         let mut batch: Vec<Outbound> = Vec::new();
+        // One timer for the heartbeat and the earliest token expiry, re-armed only when that
+        // deadline moves: not on every wake, which under load is thousands a second.
+        let timer = tokio::time::sleep_until(heartbeat_deadline);
+        tokio::pin!(timer);
         loop {
             let expiry = self.channels.values().map(|c| c.expires_at).min();
+            let next = expiry.map_or(heartbeat_deadline, |e| e.min(heartbeat_deadline));
+            if timer.deadline() != next {
+                timer.as_mut().reset(next);
+            }
             tokio::select! {
                 biased;
                 _ = handle.kick.notified() => return handle.kicked(),
@@ -268,13 +276,13 @@ impl Session {
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(heartbeat_deadline) => {
-                    return Ending::Close(
-                        close_code::HEARTBEAT_TIMEOUT,
-                        format!("no heartbeat for {}s", heartbeat_timeout.as_secs()),
-                    );
-                }
-                _ = sleep_until_opt(expiry) => {
+                _ = &mut timer => {
+                    if Instant::now() >= heartbeat_deadline {
+                        return Ending::Close(
+                            close_code::HEARTBEAT_TIMEOUT,
+                            format!("no heartbeat for {}s", heartbeat_timeout.as_secs()),
+                        );
+                    }
                     if Box::pin(self.expire_channels()).await.is_err() {
                         return Ending::Gone;
                     }
@@ -757,13 +765,6 @@ impl Session {
             self.close_channel(&topic, format!("Token has expired {ago} seconds ago")).await?;
         }
         Ok(())
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 
