@@ -98,6 +98,20 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> 
     HttpConnection::open(addr).await?.request("GET", path, &[], &[]).await
 }
 
+/// The cumulative buckets `(le, count)` of a Prometheus histogram on a text page, in page
+/// order (ascending `le`, `+Inf` last).
+pub fn histogram_buckets(page: &str, name: &str) -> Vec<(f64, u64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    page.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"}")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
 /// One unlabelled value from a Prometheus text page.
 pub fn metric(page: &str, name: &str) -> Option<f64> {
     page.lines()

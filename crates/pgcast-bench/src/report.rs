@@ -113,6 +113,44 @@ pub struct StageReport {
     /// `broadcast`: nothing missing, no disconnects or send errors, deliveries kept up with at
     /// least 95% of the offered rate, and p99 latency within `--sustain-p99-ms`.
     pub sustained: Option<bool>,
+    /// The server's own view (its `pgcast_commit_to_send_seconds` histogram over this stage):
+    /// commit to the socket write, without the client's share of the latency.
+    pub server_commit_to_send: Option<ServerCommitToSend>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServerCommitToSend {
+    /// Socket writes carrying changes (a write can carry several).
+    pub writes: u64,
+    /// Share of those writes made within each bound, bounds ascending.
+    pub within: Vec<Within>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Within {
+    pub ms: f64,
+    pub share: f64,
+}
+
+impl ServerCommitToSend {
+    /// The difference between two scrapes of the cumulative buckets.
+    pub fn between(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<ServerCommitToSend> {
+        let count =
+            |buckets: &[(f64, u64)], le: f64| buckets.iter().find(|(b, _)| *b == le).map_or(0, |(_, n)| *n);
+        let writes = count(after, f64::INFINITY).saturating_sub(count(before, f64::INFINITY));
+        if writes == 0 {
+            return None;
+        }
+        let within = after
+            .iter()
+            .filter(|(le, _)| le.is_finite())
+            .map(|(le, n)| Within {
+                ms: le * 1000.0,
+                share: n.saturating_sub(count(before, *le)) as f64 / writes as f64,
+            })
+            .collect();
+        Some(ServerCommitToSend { writes, within })
+    }
 }
 
 #[derive(Debug, Serialize)]

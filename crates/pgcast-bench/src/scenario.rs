@@ -16,7 +16,8 @@ use crate::client::Shape;
 use crate::histogram::Histogram;
 use crate::load::{self, BroadcastPlan, CommitPlan, Sent, Via};
 use crate::report::{
-    BurstTimes, ConnectionsReport, Cpu, Errors, Memory, Percentiles, Report, ServerInfo, StageReport,
+    BurstTimes, ConnectionsReport, Cpu, Errors, Memory, Percentiles, Report, ServerCommitToSend, ServerInfo,
+    StageReport,
 };
 use crate::target::{self, Target, TargetOptions};
 use crate::worker::{Command, Expectation, FinalResult, Report as WorkerReport, Segment, StageResult};
@@ -199,6 +200,7 @@ async fn run_on(
                 plan.duration.as_secs_f64()
             ));
             let before = read(target);
+            let buckets_before = send_buckets(target).await;
             let sent = load::drive_commits(&target.database_url, plan).await?;
             let expectation = Expectation {
                 rows_per_user: sent.rows_per_user.clone(),
@@ -210,8 +212,12 @@ async fn run_on(
             let result = finish(&mut workers, expectation, options.drain_secs).await?;
             let after = read(target);
             let name = format!("commits {}/s", plan.rate);
-            let stage = stage_report(name, Some(plan.rate), &sent, &result, cpu_between(&before, &after), 0);
+            let mut stage =
+                stage_report(name, Some(plan.rate), &sent, &result, cpu_between(&before, &after), 0);
+            stage.server_commit_to_send =
+                ServerCommitToSend::between(&buckets_before, &send_buckets(target).await);
             log(format!("{} deliveries, {} missing", stage.deliveries, stage.missing));
+            log_server_view(&stage.server_commit_to_send);
             collect_send_problems(&sent, &mut send_errors, &mut problems);
             all_latency.merge(&result.latency);
             stages.push(stage);
@@ -283,6 +289,7 @@ async fn run_on(
                 "one transaction of {rows} rows to {users} own-rows and {table_wide} table-wide subscribers"
             ));
             let before = read(target);
+            let buckets_before = send_buckets(target).await;
             let burst = load::drive_burst(&target.database_url, *rows, users as u64, body).await?;
             let expectation = Expectation {
                 rows_per_user: burst.sent.rows_per_user.clone(),
@@ -304,6 +311,9 @@ async fn run_on(
                 offset,
             );
             stage.sent_per_sec = None;
+            stage.server_commit_to_send =
+                ServerCommitToSend::between(&buckets_before, &send_buckets(target).await);
+            log_server_view(&stage.server_commit_to_send);
             stage.burst = Some(BurstTimes {
                 insert_ms: offset as f64 / 1000.0,
                 commit_ms: burst.commit_done_us.saturating_sub(burst.commit_sent_us) as f64 / 1000.0,
@@ -486,5 +496,27 @@ fn stage_report(
         disconnects: result.disconnects,
         drain_ms: result.drain_ms,
         sustained: None,
+        server_commit_to_send: None,
+    }
+}
+
+/// The server's commit-to-send histogram buckets, if its `/metrics` answers.
+async fn send_buckets(target: &Target) -> Vec<(f64, u64)> {
+    match crate::http::get(target.server, "/metrics").await {
+        Ok((200, page)) => crate::http::histogram_buckets(&page, "pgcast_commit_to_send_seconds"),
+        _ => Vec::new(),
+    }
+}
+
+/// Logs the server's share of writes within a few bounds.
+fn log_server_view(view: &Option<ServerCommitToSend>) {
+    if let Some(view) = view {
+        let shares: Vec<String> = view
+            .within
+            .iter()
+            .filter(|w| [1.0, 5.0, 20.0, 50.0].contains(&w.ms))
+            .map(|w| format!("{:.1}% within {} ms", w.share * 100.0, w.ms))
+            .collect();
+        log(format!("server commit-to-send over {} writes: {}", view.writes, shares.join(", ")));
     }
 }

@@ -121,6 +121,16 @@ fn fanout_delivers_every_commit_to_own_rows_and_table_wide_subscribers() {
     // 200 rows: each reaches its one own-rows subscriber and both table-wide subscribers.
     assert_eq!(u(stage, "/rows"), 200);
     assert_eq!(u(stage, "/deliveries"), 200 + 2 * 200);
+    // The server's own commit-to-send view over the stage: some writes, shares ascending to 1.
+    let server = &stage["server_commit_to_send"];
+    assert!(u(server, "/writes") > 0, "{server}");
+    let shares: Vec<f64> = server["within"]
+        .as_array()
+        .expect("within")
+        .iter()
+        .map(|w| w["share"].as_f64().expect("share"))
+        .collect();
+    assert!(shares.windows(2).all(|w| w[0] <= w[1]) && shares.last() == Some(&1.0), "{server}");
 }
 
 #[test]
