@@ -290,7 +290,13 @@ export class PgcastClient {
     });
   }
 
-  private handle(message: { topic: string; event: string; payload: any; ref: string | null }): void {
+  private handle(message: {
+    topic: string;
+    event: string;
+    payload: any;
+    ref: string | null;
+    join_ref?: string | null;
+  }): void {
     if (message.event === 'phx_reply' && message.ref) {
       const push = this.pending.get(message.ref);
       if (!push) return;
@@ -299,7 +305,7 @@ export class PgcastClient {
       else push.reject(new Error(message.payload?.response?.reason ?? 'error'));
       return;
     }
-    this.channels.get(message.topic)?.receive(message.event, message.payload);
+    this.channels.get(message.topic)?.receive(message.event, message.payload, message.join_ref ?? null);
   }
 }
 
@@ -325,6 +331,9 @@ export class Channel {
   private broadcastListeners = new Map<string, Set<Listener<unknown>>>();
   private presenceListeners = new Set<Listener<Record<string, unknown[]>>>();
   private resyncListeners = new Set<Listener<ResyncNotice>>();
+  private closeListeners = new Set<Listener<string>>();
+  /** The reason of the server's last `system` error on this channel, if any. */
+  private closeReason: string | null = null;
   private presence: Record<string, any[]> = {};
   private tracked: Record<string, unknown> | null = null;
   private joinRef: string | undefined;
@@ -364,6 +373,16 @@ export class Channel {
   /** Called when the server cannot replay what was missed: refetch, then carry on live. */
   onResync(callback: Listener<ResyncNotice>): this {
     this.resyncListeners.add(callback);
+    return this;
+  }
+
+  /**
+   * Called with the reason when the server closes the channel on its own (its token expired,
+   * or the role may no longer read it). The channel then stays closed, also across reconnects,
+   * until `subscribe()` is called again.
+   */
+  onClose(callback: Listener<string>): this {
+    this.closeListeners.add(callback);
     return this;
   }
 
@@ -457,7 +476,7 @@ export class Channel {
   }
 
   /** @internal */
-  receive(event: string, payload: any): void {
+  receive(event: string, payload: any, joinRef: string | null = null): void {
     switch (event) {
       case 'postgres_changes': {
         const data = payload.data as Change;
@@ -487,6 +506,9 @@ export class Channel {
         if (payload.extension === 'postgres_changes' && payload.pgcast && !this.position) {
           this.position = { position: payload.pgcast.position, epoch: payload.pgcast.epoch };
         }
+        if (payload.extension === 'system' && payload.status === 'error') {
+          this.closeReason = typeof payload.message === 'string' ? payload.message : null;
+        }
         if (payload.extension === 'pgcast' && payload.status === 'resync_required') {
           const scope = payload.scope === 'broadcast' ? 'broadcast' : 'postgres_changes';
           // Start over from live: the old positions are of no use any more.
@@ -495,9 +517,18 @@ export class Channel {
           for (const listener of this.resyncListeners) listener({ scope, message: payload.message });
         }
         break;
-      case 'phx_close':
+      case 'phx_close': {
+        // The close of an earlier join (say, the answer to an unsubscribe followed at once by a
+        // new subscribe) must not close the current one.
+        if (joinRef && joinRef !== this.joinRef) break;
         this.joined = false;
+        const closedByServer = this.wanted;
+        this.wanted = false;
+        const reason = this.closeReason ?? 'closed by the server';
+        this.closeReason = null;
+        if (closedByServer) for (const listener of this.closeListeners) listener(reason);
         break;
+      }
     }
   }
 

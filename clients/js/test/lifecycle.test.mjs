@@ -39,7 +39,11 @@ test('getToken is asked again before expiry and the new token is pushed: the cha
   const got = { refreshing: [], fixed: [] };
   const filter = { event: 'INSERT', table: 'appointments', filter: 'patient_id=eq.611' };
   const refreshingChannel = refreshing.channel('refresh-a').onChange(filter, (c) => got.refreshing.push(c.record.id));
-  const fixedChannel = fixed.channel('refresh-b').onChange(filter, (c) => got.fixed.push(c.record.id));
+  const closed = [];
+  const fixedChannel = fixed
+    .channel('refresh-b')
+    .onChange(filter, (c) => got.fixed.push(c.record.id))
+    .onClose((reason) => closed.push(reason));
   await Promise.all([refreshingChannel.subscribe(), fixedChannel.subscribe()]);
 
   const first = await insertAppointment(demo.db, 611);
@@ -47,6 +51,8 @@ test('getToken is asked again before expiry and the new token is pushed: the cha
 
   // The server closes a channel whose token expired: the fixed-token one goes.
   await waitFor('the fixed token’s channel is closed at expiry', () => !fixedChannel.isJoined, 10_000);
+  assert.equal(closed.length, 1, 'onClose fired once');
+  assert.match(closed[0], /Token has expired/);
   assert.ok(refreshingChannel.isJoined, 'the refreshed channel is still joined');
   assert.ok(asked.length >= 2, 'getToken was asked again');
   assert.ok(asked[1].at < firstExp * 1000, `asked ${firstExp * 1000 - asked[1].at} ms before the first token expired`);
