@@ -11,8 +11,10 @@ use serde_json::json;
 async fn a_client_that_stops_reading_is_cut_off_and_others_are_not() {
     let pg = Pg::start("slow").await;
     pg.publish("CREATE TABLE feed (id int PRIMARY KEY, body text)", &["feed"]).await;
+    // The default queue: a smaller one can cut a client that reads, when the outbox reader
+    // (trigger mode) hands over a thousand rows at once.
     let mut config = config(&pg);
-    config.outbound_queue = 64;
+    config.outbound_queue = 1024;
     let server = start_server(config).await;
     let service = token("service_role", 600);
 
@@ -21,9 +23,10 @@ async fn a_client_that_stops_reading_is_cut_off_and_others_are_not() {
     let mut fast = Client::connect(server.addr, Some(&service), true).await;
     fast.join("realtime:feed", json!([binding("*", "feed", None)]), None).await;
 
-    // ~6 MB of changes in transactions of 50 rows, paced: more than the server's socket send
-    // buffer (4 MB at most here) plus a 64-message queue, in bursts a reading client absorbs.
-    const ROWS: usize = 3000;
+    // ~12 MB of changes in transactions of 50 rows, paced: more than the server's socket send
+    // buffer (4 MB at most here) plus 1,024 queued messages of 2 KB, in bursts a reading client
+    // absorbs.
+    const ROWS: usize = 6000;
     let writer_pg = pg.client().await;
     let writer = tokio::spawn(async move {
         for start in (1..=ROWS).step_by(50) {
@@ -118,7 +121,8 @@ async fn a_stalled_client_is_cut_off_while_the_others_latency_holds() {
     let pg = Pg::start("stalled").await;
     pg.publish("CREATE TABLE feed (id int PRIMARY KEY, sent_us int8 NOT NULL, body text)", &["feed"]).await;
     let mut config = config(&pg);
-    config.outbound_queue = 64;
+    // Room for the few transactions the outbox reader (trigger mode) may hand over at once.
+    config.outbound_queue = 256;
     let server = start_server(config).await;
     let port = server.addr.port();
     let service = token("service_role", 600);
