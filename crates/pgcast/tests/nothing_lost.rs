@@ -36,6 +36,14 @@ fn spawn(pg_url: &str, port: u16, capture: &str) -> Child {
         .expect("spawn pgcast")
 }
 
+/// Up to ten ids of `expected` missing from `got`, and up to ten `got` has twice.
+fn gaps(expected: &[i64], got: &[i64]) -> (Vec<i64>, Vec<i64>) {
+    let missing = expected.iter().filter(|i| !got.contains(i)).copied().take(10).collect();
+    let mut seen = std::collections::HashSet::new();
+    let dupes = got.iter().filter(|i| !seen.insert(**i)).copied().take(10).collect();
+    (missing, dupes)
+}
+
 /// Ids each SDK follower received, by follower name, fed from the Node process's stdout.
 type Followed = Arc<Mutex<HashMap<String, Vec<i64>>>>;
 
@@ -250,9 +258,7 @@ async fn run(capture: &str) {
         .unwrap();
     let expected: Vec<i64> = (1..=TOTAL).collect();
     if ids != expected {
-        let missing: Vec<i64> = expected.iter().filter(|i| !ids.contains(i)).copied().take(10).collect();
-        let mut seen = std::collections::HashSet::new();
-        let dupes: Vec<i64> = ids.iter().filter(|i| !seen.insert(**i)).copied().take(10).collect();
+        let (missing, dupes) = gaps(&expected, &ids);
         panic!("{capture}: {} received, missing {missing:?}, duplicated {dupes:?}", ids.len());
     }
 
@@ -284,9 +290,7 @@ async fn run(capture: &str) {
         }
         let got = followed.lock().unwrap().get(name).cloned().unwrap_or_default();
         if got != expected {
-            let missing: Vec<i64> = expected.iter().filter(|i| !got.contains(i)).copied().take(10).collect();
-            let mut seen = std::collections::HashSet::new();
-            let dupes: Vec<i64> = got.iter().filter(|i| !seen.insert(**i)).copied().take(10).collect();
+            let (missing, dupes) = gaps(&expected, &got);
             panic!(
                 "{capture}: SDK follower {name}: {} received, missing {missing:?}, duplicated {dupes:?}",
                 got.len()

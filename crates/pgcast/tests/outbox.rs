@@ -40,6 +40,11 @@ fn trigger_config(pg: &Pg) -> pgcast::config::Config {
     config
 }
 
+/// The record ids of received changes, in order.
+fn ids(changes: &[Value]) -> Vec<i64> {
+    changes.iter().map(|c| c["data"]["record"]["id"].as_i64().unwrap()).collect()
+}
+
 async fn subscribe(server_addr: std::net::SocketAddr, table: &str, resume: Option<&Value>) -> Client {
     let mut client = Client::connect(server_addr, Some(&token("service_role", 600)), true).await;
     let mut config = json!({"postgres_changes": [binding("*", table, None)]});
@@ -101,12 +106,7 @@ async fn rows_wider_than_notify_allows_and_late_committing_transactions_are_not_
     pg.exec("INSERT INTO ticks VALUES (3, 'late')").await;
     tokio::time::sleep(Duration::from_millis(1500)).await; // a poll or two while 2 is open
     early.batch_execute("COMMIT").await.unwrap();
-    let ids: Vec<i64> = client
-        .changes(2, DEADLINE)
-        .await
-        .iter()
-        .map(|c| c["data"]["record"]["id"].as_i64().unwrap())
-        .collect();
+    let ids = ids(&client.changes(2, DEADLINE).await);
     let mut sorted = ids.clone();
     sorted.sort();
     assert_eq!(sorted, [2, 3], "both delivered, none skipped: {ids:?}");
@@ -142,12 +142,7 @@ async fn transactions_are_read_in_numeric_xid_order_across_a_digit_boundary() {
             .unwrap());
     }
     early_tx.commit().await.unwrap();
-    let ids: Vec<i64> = client
-        .changes(id as usize + 1, DEADLINE)
-        .await
-        .iter()
-        .map(|c| c["data"]["record"]["id"].as_i64().unwrap())
-        .collect();
+    let ids = ids(&client.changes(id as usize + 1, DEADLINE).await);
     assert_eq!(
         ids,
         (0..=id as i64).collect::<Vec<_>>(),
@@ -202,12 +197,7 @@ async fn trigger_mode_resumes_across_a_killed_server_with_changes_made_while_it_
     let mut server = spawn();
     wait_ready(&format!("http://{addr}")).await;
     let mut client = subscribe(addr, "ticks", Some(&last)).await;
-    let ids: Vec<i64> = client
-        .changes(2, DEADLINE)
-        .await
-        .iter()
-        .map(|c| c["data"]["record"]["id"].as_i64().unwrap())
-        .collect();
+    let ids = ids(&client.changes(2, DEADLINE).await);
     assert_eq!(ids, [3, 4], "what was committed while the server was down, exactly once");
     client.expect_no_change(Duration::from_millis(500)).await;
     server.start_kill().ok();
