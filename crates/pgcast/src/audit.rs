@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
 
-use crate::auth::Claims;
+use crate::auth::{Claims, Identity};
 use crate::capture::publication::quote_ident;
 use crate::db::{Db, DbError};
 use crate::shutdown::Shutdown;
@@ -78,14 +78,15 @@ impl AuditEvent {
         }
     }
 
-    pub fn claims(mut self, claims: Option<&Claims>) -> AuditEvent {
-        if let Some(claims) = claims {
-            self.user_id = claims.sub.clone();
-            self.role = Some(claims.role.clone());
-            self.tenant = claims.all.get("tenant_id").map(|t| match t {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            });
+    pub fn claims(self, claims: Option<&Claims>) -> AuditEvent {
+        self.identity(claims.map(Claims::identity).as_ref())
+    }
+
+    pub fn identity(mut self, identity: Option<&Identity>) -> AuditEvent {
+        if let Some(identity) = identity {
+            self.user_id = identity.sub.as_deref().map(str::to_string);
+            self.role = Some(identity.role.to_string());
+            self.tenant = identity.tenant.as_deref().map(str::to_string);
         }
         self
     }

@@ -51,6 +51,32 @@ impl Claims {
     pub fn seconds_left(&self) -> u64 {
         self.exp.saturating_sub(now_secs())
     }
+
+    /// What outlives the join: who the token is for and until when.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            role: self.role.as_str().into(),
+            sub: self.sub.as_deref().map(Into::into),
+            tenant: self.all.get("tenant_id").map(|t| match t {
+                Value::String(s) => s.as_str().into(),
+                other => other.to_string().into(),
+            }),
+            exp: self.exp,
+        }
+    }
+}
+
+/// The part of a token a joined channel keeps, for audit records, log lines and its expiry.
+/// Every claim (`Claims::all`) is needed only while a join or token refresh is decided; a
+/// channel stays joined for hours on every connection, so it keeps this compact copy instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub role: Box<str>,
+    pub sub: Option<Box<str>>,
+    /// The `tenant_id` claim, as text.
+    pub tenant: Option<Box<str>>,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
 }
 
 /// Verifies tokens against one secret.
@@ -126,6 +152,18 @@ mod tests {
         assert_eq!(claims.role, "service_role");
         assert_eq!(claims.sub.as_deref(), Some("7"));
         assert!(claims.seconds_left() > 50);
+    }
+
+    #[test]
+    fn identity_keeps_who_and_until_when() {
+        let exp = now_secs() + 60;
+        let token =
+            sign(SECRET, &json!({"role": "authenticated", "sub": "u1", "tenant_id": 4, "exp": exp})).unwrap();
+        let identity = Verifier::new(SECRET).verify(&token).unwrap().identity();
+        assert_eq!(&*identity.role, "authenticated");
+        assert_eq!(identity.sub.as_deref(), Some("u1"));
+        assert_eq!(identity.tenant.as_deref(), Some("4"));
+        assert_eq!(identity.exp, exp);
     }
 
     #[test]

@@ -75,9 +75,9 @@ impl Session {
                 self.sync_presence(&frame.topic).await?;
                 let diff = self.state.presence.track(&frame.topic, self.handle.id, &key, meta);
                 self.state.deliver_presence_diff(&frame.topic, &diff);
-                let claims = self.channels.get(&frame.topic).map(|c| c.claims.clone());
+                let identity = self.channels.get(&frame.topic).map(|c| c.identity.clone());
                 self.audit(
-                    AuditEvent::new(Action::PresenceTrack).claims(claims.as_ref()).channel(&frame.topic),
+                    AuditEvent::new(Action::PresenceTrack).identity(identity.as_ref()).channel(&frame.topic),
                 );
                 self.reply(&frame, "ok", json!({})).await
             }

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::audit::{Action, AuditEvent};
-use crate::auth::{AuthError, Claims};
+use crate::auth::{AuthError, Claims, Identity};
 use crate::capture::Transaction;
 use crate::log::{Position, ResyncReason};
 use crate::protocol::phoenix::{self, Frame, Vsn};
@@ -124,7 +124,8 @@ struct JoinedChannel {
     /// stays in memory for every joined channel) to re-bind them when the token changes.
     bindings: Option<Box<str>>,
     subscriptions: Vec<Arc<Subscription>>,
-    claims: Claims,
+    /// Who joined, for audit records and the expiry: not every claim (see `Identity`).
+    identity: Identity,
     expires_at: Instant,
     private: bool,
     access: ChannelAccess,
@@ -518,7 +519,7 @@ impl Session {
                 join_ref: frame.join_ref.clone(),
                 bindings: (!bindings.is_empty()).then(|| Value::from(bindings).to_string().into_boxed_str()),
                 subscriptions,
-                claims,
+                identity: claims.identity(),
                 expires_at,
                 private,
                 access,
@@ -673,7 +674,7 @@ impl Session {
 
     fn leave(&mut self, topic: &str) {
         let Some(channel) = self.channels.remove(topic) else { return };
-        self.audit(AuditEvent::new(Action::Leave).claims(Some(&channel.claims)).channel(topic));
+        self.audit(AuditEvent::new(Action::Leave).identity(Some(&channel.identity)).channel(topic));
         self.state.index_remove(&channel.subscriptions);
         self.state.hub.leave(topic, self.handle.id);
         if let Some(diff) = self.state.presence.untrack(topic, self.handle.id) {
@@ -741,17 +742,14 @@ impl Session {
         self.state.index_insert(&subscriptions);
         channel.subscriptions = subscriptions;
         channel.expires_at = Instant::now() + Duration::from_secs(claims.seconds_left());
-        let claims_for_audit = claims.clone();
-        channel.claims = claims;
+        channel.identity = claims.identity();
         channel.access = access;
         let receive_own = self.state.hub.receives_own(&frame.topic, self.handle.id);
         self.state.hub.join(
             &topic,
             crate::broadcast::Member { session: self.handle.clone(), can_read: access.read, receive_own },
         );
-        self.audit(
-            AuditEvent::new(Action::TokenRefresh).claims(Some(&claims_for_audit)).channel(&frame.topic),
-        );
+        self.audit(AuditEvent::new(Action::TokenRefresh).claims(Some(&claims)).channel(&frame.topic));
         self.reply(&frame, "ok", json!({})).await
     }
 
@@ -760,7 +758,7 @@ impl Session {
         let expired: Vec<String> =
             self.channels.iter().filter(|(_, c)| c.expires_at <= now).map(|(t, _)| t.clone()).collect();
         for topic in expired {
-            let exp = self.channels.get(&topic).map(|c| c.claims.exp).unwrap_or(0);
+            let exp = self.channels.get(&topic).map(|c| c.identity.exp).unwrap_or(0);
             let ago = crate::auth::now_secs().saturating_sub(exp);
             self.close_channel(&topic, format!("Token has expired {ago} seconds ago")).await?;
         }
