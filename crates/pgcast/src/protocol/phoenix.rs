@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::capture::value::write_json_string;
 
 /// The serializer a connection negotiated with `?vsn=`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Vsn {
     V1,
     V2,

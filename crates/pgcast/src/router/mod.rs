@@ -13,7 +13,7 @@ pub mod index;
 pub mod payload;
 pub mod policy;
 
-use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::{Message, Utf8Bytes};
@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::capture::{Change, Progress, Transaction};
 use crate::log::{History, Position};
-use crate::protocol::phoenix::{self, Vsn};
+use crate::protocol::phoenix;
 use crate::session::{Outbound, SessionHandle};
 use index::{Index, Subscription};
 use payload::View;
@@ -72,19 +72,19 @@ pub async fn run(
     }
 }
 
-/// One recipient of a change: a session and the binding ids it gets on one topic.
-type Target = (Arc<SessionHandle>, Vec<u32>);
-
 /// Scratch space reused across changes so routing does not allocate per subscriber.
 #[derive(Default)]
 pub struct Fanout {
     matched: Vec<(Arc<Subscription>, Visibility)>,
-    /// (session id, topic, shape id) -> recipient.
-    targets: HashMap<(u64, Arc<str>, u32), Target>,
-    /// shape id -> the view and its serialized `data`.
-    views: HashMap<u32, (Visibility, Option<String>)>,
-    /// (topic, ids, serializer, shape id) -> the serialized message shared by its recipients.
-    encoded: HashMap<(Arc<str>, Vec<u32>, Vsn, u32), Utf8Bytes>,
+    /// The matched subscriptions due this change, each with its view's shape id.
+    hits: Vec<(Arc<Subscription>, u32)>,
+    /// shape id -> the view and its serialized `data`, made when first needed. Few per change.
+    views: Vec<(u32, Visibility, Option<String>)>,
+    /// The binding ids of every recipient; each recipient owns a range of it.
+    ids: Vec<u32>,
+    /// One message each: the index in `hits` of its first hit (session, topic, shape) and the
+    /// range of its binding ids.
+    recipients: Vec<(usize, Range<usize>)>,
 }
 
 fn shape_id(visibility: &Visibility) -> u32 {
@@ -96,8 +96,22 @@ fn shape_id(visibility: &Visibility) -> u32 {
     }
 }
 
+/// Topics are shared `Arc`s, so equal ones are usually the same pointer.
+fn cmp_topic(a: &Arc<str>, b: &Arc<str>) -> std::cmp::Ordering {
+    if Arc::ptr_eq(a, b) {
+        std::cmp::Ordering::Equal
+    } else {
+        a.cmp(b)
+    }
+}
+
 impl Fanout {
     /// Delivers one change through `deliver`; returns how many connections accepted it.
+    ///
+    /// A session gets one message per topic and shape, listing every binding id of its that
+    /// matched; each distinct message (topic, ids, serializer, shape) is serialized once and its
+    /// bytes shared. Grouping is done by sorting scratch vectors, so routing a change allocates
+    /// per distinct message, not per recipient.
     #[allow(clippy::too_many_arguments)]
     pub async fn route(
         &mut self,
@@ -120,31 +134,71 @@ impl Fanout {
         if self.matched.iter().any(|(_, v)| matches!(v, Visibility::NeedsRls(..))) {
             self.resolve_rls(change, rls).await;
         }
-        self.targets.clear();
-        self.views.clear();
-        self.encoded.clear();
-        for (sub, visibility) in self.matched.drain(..) {
+        let Fanout { matched, hits, views, ids, recipients } = self;
+        hits.clear();
+        views.clear();
+        ids.clear();
+        recipients.clear();
+        for (sub, visibility) in matched.drain(..) {
             if sub.min_position.is_some_and(|floor| position <= floor) {
                 continue;
             }
             let shape = shape_id(&visibility);
-            self.views.entry(shape).or_insert((visibility, None));
-            let (_, ids) = self
-                .targets
-                .entry((sub.session.id, sub.topic.clone(), shape))
-                .or_insert_with(|| (sub.session.clone(), Vec::new()));
-            if !ids.contains(&sub.binding_id) {
-                ids.push(sub.binding_id);
+            if !views.iter().any(|(id, ..)| *id == shape) {
+                views.push((shape, visibility, None));
             }
+            hits.push((sub, shape));
         }
+
+        // One recipient per (session, topic, shape), with its binding ids sorted and distinct.
+        hits.sort_unstable_by(|(a, shape_a), (b, shape_b)| {
+            (a.session.id.cmp(&b.session.id))
+                .then_with(|| cmp_topic(&a.topic, &b.topic))
+                .then(shape_a.cmp(shape_b))
+                .then(a.binding_id.cmp(&b.binding_id))
+        });
+        let mut first = 0;
+        while first < hits.len() {
+            let (lead, shape) = &hits[first];
+            let start = ids.len();
+            let mut next = first;
+            while let Some((sub, sub_shape)) = hits.get(next) {
+                let same = sub.session.id == lead.session.id
+                    && sub_shape == shape
+                    && cmp_topic(&sub.topic, &lead.topic).is_eq();
+                if !same {
+                    break;
+                }
+                if ids.len() == start || ids.last() != Some(&sub.binding_id) {
+                    ids.push(sub.binding_id);
+                }
+                next += 1;
+            }
+            recipients.push((first, start..ids.len()));
+            first = next;
+        }
+
+        // Recipients of the same message next to each other, so it is serialized once.
+        let same_message = |(a, ids_a): &(usize, Range<usize>), (b, ids_b): &(usize, Range<usize>)| {
+            let ((sub_a, shape_a), (sub_b, shape_b)) = (&hits[*a], &hits[*b]);
+            cmp_topic(&sub_a.topic, &sub_b.topic)
+                .then_with(|| ids[ids_a.clone()].cmp(&ids[ids_b.clone()]))
+                .then(sub_a.session.vsn.cmp(&sub_b.session.vsn))
+                .then(shape_a.cmp(shape_b))
+        };
+        recipients.sort_unstable_by(same_message);
         let mut delivered = 0;
-        for ((_, topic, shape), (session, ids)) in self.targets.iter_mut() {
-            ids.sort_unstable();
-            let key = (topic.clone(), ids.clone(), session.vsn, *shape);
-            let text = match self.encoded.get(&key) {
-                Some(text) => text.clone(),
-                None => {
-                    let Some((visibility, data)) = self.views.get_mut(shape) else { continue };
+        let mut last: Option<(usize, Utf8Bytes)> = None;
+        for (r, recipient) in recipients.iter().enumerate() {
+            let (sub, shape) = &hits[recipient.0];
+            let text = match &last {
+                Some((previous, text)) if same_message(&recipients[*previous], recipient).is_eq() => {
+                    text.clone()
+                }
+                _ => {
+                    let Some((_, visibility, data)) = views.iter_mut().find(|(id, ..)| id == shape) else {
+                        continue;
+                    };
                     let data = data.get_or_insert_with(|| {
                         let view = match visibility {
                             Visibility::Visible(Some(spec)) => View::Shaped(spec),
@@ -154,17 +208,26 @@ impl Fanout {
                         };
                         payload::change_data(tx, change, view, position, epoch)
                     });
-                    let body = payload::message_payload(ids, data);
-                    let text: Utf8Bytes =
-                        phoenix::encode_raw(session.vsn, None, None, topic, "postgres_changes", &body).into();
-                    self.encoded.insert(key, text.clone());
+                    let body = payload::message_payload(&ids[recipient.1.clone()], data);
+                    let text: Utf8Bytes = phoenix::encode_raw(
+                        sub.session.vsn,
+                        None,
+                        None,
+                        &sub.topic,
+                        "postgres_changes",
+                        &body,
+                    )
+                    .into();
+                    last = Some((r, text.clone()));
                     text
                 }
             };
-            if deliver(session, Message::Text(text)) {
+            if deliver(&sub.session, Message::Text(text)) {
                 delivered += 1;
             }
         }
+        // The subscriptions are not held on to until the next change.
+        hits.clear();
         delivered
     }
 

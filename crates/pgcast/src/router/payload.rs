@@ -4,6 +4,8 @@
 //! `data` is serialized once per change and shared by every message that carries it; only the
 //! `ids` differ between bindings.
 
+use std::fmt::Write;
+
 use crate::capture::value::write_json_string;
 use crate::capture::{Change, ChangeKind, Column, Transaction, Value};
 
@@ -148,7 +150,7 @@ pub fn message_payload(ids: &[u32], data: &str) -> String {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&id.to_string());
+        let _ = write!(out, "{id}");
     }
     out.push_str("],\"data\":");
     out.push_str(data);

@@ -117,6 +117,22 @@ impl SessionHandle {
     }
 }
 
+/// The metrics every batch written updates, looked up once: at hundreds of thousands of writes
+/// a second the registry lookup behind `metrics::counter!` cost more than the update itself.
+/// (Sessions only run once the server has installed its recorder.)
+struct WriteMeters {
+    sent: metrics::Counter,
+    commit_to_send: metrics::Histogram,
+}
+
+fn write_meters() -> &'static WriteMeters {
+    static METERS: std::sync::OnceLock<WriteMeters> = std::sync::OnceLock::new();
+    METERS.get_or_init(|| WriteMeters {
+        sent: metrics::counter!("pgcast_messages_sent_total"),
+        commit_to_send: metrics::histogram!("pgcast_commit_to_send_seconds"),
+    })
+}
+
 /// A channel this connection has joined.
 struct JoinedChannel {
     join_ref: Option<String>,
@@ -189,12 +205,15 @@ impl Session {
             let claims = self.apikey.as_deref().and_then(|key| self.state.verifier.verify(key).ok());
             self.audit(AuditEvent::new(Action::Connect).claims(claims.as_ref()));
         }
-        // The kick is watched outside `serve` too: a client that stopped reading leaves `serve`
-        // blocked in a socket write, and must still be cut off.
+        // The kick and shutdown are watched here, outside `serve`: a client that stopped reading
+        // leaves `serve` blocked in a socket write, and must still be cut off. Watched once, they
+        // are registered once, not again on every message the loop writes.
         let handle = self.handle.clone();
+        let mut shutdown = self.state.shutdown.clone();
         let ending = tokio::select! {
             biased;
             _ = handle.kick.notified() => handle.kicked(),
+            _ = shutdown.wait() => Ending::Close(close_code::GOING_AWAY, "server shutting down".into()),
             ending = self.serve() => ending,
         };
         handle.queue.close();
@@ -214,7 +233,6 @@ impl Session {
     async fn serve(&mut self) -> Ending {
         let heartbeat_timeout = self.state.config.heartbeat_timeout;
         let mut heartbeat_deadline = Instant::now() + heartbeat_timeout;
-        let mut shutdown = self.state.shutdown.clone();
         let handle = self.handle.clone();
         // Grows on demand and is trimmed after each write: idle connections hold no batch.
         let mut batch: Vec<Outbound> = Vec::new();
@@ -230,10 +248,6 @@ impl Session {
             }
             tokio::select! {
                 biased;
-                _ = handle.kick.notified() => return handle.kicked(),
-                _ = shutdown.wait() => {
-                    return Ending::Close(close_code::GOING_AWAY, "server shutting down".into());
-                }
                 _ = handle.queue.pop_many(&mut batch, WRITE_BATCH) => {
                     if self.write_batch(&mut batch).await.is_err() {
                         return Ending::Gone;
@@ -300,10 +314,11 @@ impl Session {
             self.socket.feed(message.message).await?;
         }
         self.socket.flush().await?;
-        metrics::counter!("pgcast_messages_sent_total").increment(count as u64);
+        let meters = write_meters();
+        meters.sent.increment(count as u64);
         if oldest > 0 {
             let now = crate::server::now_micros();
-            metrics::histogram!("pgcast_commit_to_send_seconds").record((now - oldest).max(0) as f64 / 1e6);
+            meters.commit_to_send.record((now - oldest).max(0) as f64 / 1e6);
         }
         Ok(())
     }
