@@ -143,8 +143,12 @@ impl Shared {
         self.latency.record(now.saturating_sub(sent_us));
         slot.received.fetch_add(1, Ordering::Relaxed);
         slot.last_received_us.store(now, Ordering::Relaxed);
-        self.first_received_us.fetch_min(now, Ordering::Relaxed);
-        self.last_received_us.fetch_max(now, Ordering::Relaxed);
+        if now < self.first_received_us.load(Ordering::Relaxed) {
+            self.first_received_us.fetch_min(now, Ordering::Relaxed);
+        }
+        if now > self.last_received_us.load(Ordering::Relaxed) {
+            self.last_received_us.fetch_max(now, Ordering::Relaxed);
+        }
     }
 
     pub fn stopping(&self) -> bool {
@@ -227,7 +231,11 @@ pub fn join_frame(shape: Shape, user: u64, broadcast_topic: &str) -> Option<(Str
 
 /// The `sent_at_us` a frame carries, if it is a bench delivery.
 pub fn sent_at(frame: &[u8]) -> Option<u64> {
-    let start = find(frame, SENT_MARK)? + SENT_MARK.len();
+    // Every delivery is searched: a SIMD substring search keeps the bench's own CPU use (which
+    // competes with the server on a shared machine) low.
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(SENT_MARK));
+    let start = FINDER.find(frame)? + SENT_MARK.len();
     let digits = frame[start..].iter().take_while(|b| b.is_ascii_digit());
     let mut value: u64 = 0;
     let mut any = false;
@@ -236,19 +244,6 @@ pub fn sent_at(frame: &[u8]) -> Option<u64> {
         any = true;
     }
     any.then_some(value)
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    let first = needle[0];
-    let mut from = 0;
-    while from + needle.len() <= haystack.len() {
-        let at = from + haystack[from..].iter().position(|&b| b == first)?;
-        if haystack.get(at..at + needle.len())? == needle {
-            return Some(at);
-        }
-        from = at + 1;
-    }
-    None
 }
 
 /// A parsed control frame: `(ref, topic, event, payload)`.
@@ -337,6 +332,10 @@ pub async fn run(spec: ClientSpec, shared: Arc<Shared>) {
     );
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heartbeats: u64 = 0;
+    // Made once, not per message: re-registering a watch waiter on every frame costs the bench
+    // CPU that the server (on the same machine) would otherwise have.
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     let ending: Option<String> = loop {
         tokio::select! {
             incoming = ws.next() => {
@@ -391,7 +390,7 @@ pub async fn run(spec: ClientSpec, shared: Arc<Shared>) {
                 slot.set(Standing::Failed);
                 return;
             }
-            _ = stop.changed() => break None,
+            _ = &mut stopped => break None,
         }
     };
     match ending {

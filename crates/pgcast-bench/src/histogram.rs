@@ -64,8 +64,14 @@ impl Recorder {
         self.counts[bucket_of(micros)].fetch_add(1, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum.fetch_add(micros, Ordering::Relaxed);
-        self.min.fetch_min(micros, Ordering::Relaxed);
-        self.max.fetch_max(micros, Ordering::Relaxed);
+        // A plain load first: a locked min/max on every record would bounce the cache line
+        // between the bench's threads.
+        if micros < self.min.load(Ordering::Relaxed) {
+            self.min.fetch_min(micros, Ordering::Relaxed);
+        }
+        if micros > self.max.load(Ordering::Relaxed) {
+            self.max.fetch_max(micros, Ordering::Relaxed);
+        }
     }
 
     /// Everything recorded since the last take, leaving the recorder empty.
