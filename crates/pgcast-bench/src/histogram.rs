@@ -96,11 +96,29 @@ impl Recorder {
 /// A snapshot: bucket index -> samples, plus exact count, sum, min and max (µs).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Histogram {
+    #[serde(with = "bucket_pairs")]
     buckets: BTreeMap<u32, u64>,
     pub count: u64,
     pub sum: u64,
     pub min: u64,
     pub max: u64,
+}
+
+/// Buckets travel between processes as `[[bucket, samples], ...]`: worker reports are an
+/// internally tagged enum, through which serde cannot read integer map keys back from JSON's
+/// string keys.
+mod bucket_pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(buckets: &BTreeMap<u32, u64>, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(buckets.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<u32, u64>, D::Error> {
+        Ok(Vec::<(u32, u64)>::deserialize(deserializer)?.into_iter().collect())
+    }
 }
 
 impl Default for Histogram {

@@ -176,6 +176,12 @@ struct CommonArgs {
     /// open at most 20,000 files).
     #[arg(long, default_value_t = 18_000)]
     clients_per_process: usize,
+    /// CPU niceness (1-19) of the client processes. The clients then always run in worker
+    /// processes at this lower priority, standing in for clients on other machines: on one
+    /// machine they otherwise take CPU from the server they measure. The coordinator (which
+    /// drives PostgreSQL), PostgreSQL and the server keep normal priority.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+    client_nice: i32,
     /// Client i connects from 127.0.0.(1 + i % N), so no source address runs out of ports.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(1..=254))]
     source_ips: u8,
@@ -215,6 +221,7 @@ impl CommonArgs {
                 server_log_level: self.server_log_level.clone(),
             },
             clients_per_process: self.clients_per_process,
+            client_nice: self.client_nice,
             source_ips: self.source_ips,
             connect_concurrency: self.connect_concurrency,
             heartbeat_secs: self.heartbeat_secs,
@@ -233,6 +240,7 @@ impl CommonArgs {
             "outbound_queue": self.outbound_queue,
             "server_settings": self.server_settings,
             "clients_per_process": self.clients_per_process,
+            "client_nice": self.client_nice,
             "source_ips": self.source_ips,
             "heartbeat_secs": self.heartbeat_secs,
             "drain_secs": self.drain_secs,

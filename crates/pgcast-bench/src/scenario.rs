@@ -59,6 +59,8 @@ pub struct Scenario {
 pub struct RunOptions {
     pub target: TargetOptions,
     pub clients_per_process: usize,
+    /// Niceness of the client processes; above 0 the clients run in worker processes.
+    pub client_nice: i32,
     pub source_ips: u8,
     pub connect_concurrency: usize,
     pub heartbeat_secs: u64,
@@ -120,10 +122,15 @@ async fn run_on(
     let open_files = target::raise_open_file_limit();
     let per_process = options.clients_per_process.min(open_files.saturating_sub(500) as usize).max(1);
     let processes = clients.div_ceil(per_process).max(1);
+    let in_process = processes == 1 && options.client_nice == 0;
     log(format!(
         "connecting {clients} clients from {} source addresses in {processes} {}",
         options.source_ips,
-        if processes > 1 { "worker processes" } else { "process (in-process)" }
+        match (in_process, options.client_nice) {
+            (true, _) => "process (in-process)".to_string(),
+            (false, 0) => "worker processes".to_string(),
+            (false, nice) => format!("worker process(es) at nice {nice}"),
+        }
     ));
     let mut workers = Vec::with_capacity(processes);
     for id in 0..processes {
@@ -142,10 +149,10 @@ async fn run_on(
             token_ttl_secs: 24 * 3600,
             progress: clients >= 2000,
         };
-        workers.push(if processes == 1 {
+        workers.push(if in_process {
             WorkerHandle::in_process(spec)
         } else {
-            WorkerHandle::child(spec).await?
+            WorkerHandle::child(spec, options.client_nice).await?
         });
     }
     let connect_started = Instant::now();

@@ -394,12 +394,24 @@ impl WorkerHandle {
         WorkerHandle { id, commands: command_tx, reports: report_rx, child: None }
     }
 
-    /// Runs the worker as `<this executable> worker`.
-    pub async fn child(spec: WorkerSpec) -> anyhow::Result<WorkerHandle> {
+    /// Runs the worker as `<this executable> worker`, at CPU niceness `nice`.
+    pub async fn child(spec: WorkerSpec, nice: i32) -> anyhow::Result<WorkerHandle> {
         let exe = std::env::current_exe().context("locating the pgcast-bench executable")?;
         let mut command = ProcessCommand::new(exe);
         command.arg("worker").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
         crate::target::die_with_parent(&mut command);
+        if nice > 0 {
+            // SAFETY: setpriority is async-signal-safe and changes only the (child) process
+            // calling it; the threads it starts after exec inherit the value.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = command.kill_on_drop(true).spawn().context("starting a worker process")?;
         let mut stdin = child.stdin.take().context("worker stdin")?;
         let stdout = child.stdout.take().context("worker stdout")?;
@@ -480,5 +492,16 @@ mod tests {
         let line = serde_json::to_string(&Report::Ready(Connections { joined: 2, ..Default::default() }))
             .expect("serialize");
         assert!(matches!(serde_json::from_str(&line), Ok(Report::Ready(c)) if c.joined == 2));
+    }
+
+    #[test]
+    fn a_stage_report_with_latencies_round_trips() {
+        let latency = Histogram::from_values([175, 300, 163_660]);
+        let stage = StageResult { deliveries: 3, latency: latency.clone(), ..Default::default() };
+        let line = serde_json::to_string(&Report::Stage(stage)).expect("serialize");
+        match serde_json::from_str(&line) {
+            Ok(Report::Stage(back)) => assert_eq!(back.latency, latency),
+            other => panic!("{other:?} from {line}"),
+        }
     }
 }

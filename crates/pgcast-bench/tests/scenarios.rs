@@ -109,13 +109,28 @@ fn idle_connections_across_two_worker_processes_are_all_held() {
     assert!(report["stages"].as_array().is_some_and(Vec::is_empty));
 }
 
+/// With `--client-nice` the clients run in a worker process, whose stage report (latency
+/// histogram included) travels back to the coordinator as a JSON line.
 #[test]
 fn fanout_delivers_every_commit_to_own_rows_and_table_wide_subscribers() {
     let report = run_bench(
         "fanout",
-        &["fanout", "--clients", "20", "--table-wide", "2", "--rate", "100", "--duration-secs", "2"],
+        &[
+            "fanout",
+            "--clients",
+            "20",
+            "--table-wide",
+            "2",
+            "--rate",
+            "100",
+            "--duration-secs",
+            "2",
+            "--client-nice",
+            "5",
+        ],
     );
     assert_plausible(&report, "fanout", 22);
+    assert_eq!(u(&report, "/parameters/common/client_nice"), 5);
     assert_delivered(&report);
     let stage = &report["stages"][0];
     // 200 rows: each reaches its one own-rows subscriber and both table-wide subscribers.
