@@ -91,6 +91,40 @@ async fn expect_leave(watcher: &mut Client, key: &str, within: Duration) -> Dura
     panic!("{key} never left presence");
 }
 
+/// Without `config.presence.key` the server makes one up when the member first tracks, and keeps
+/// it: tracking again updates the same entry instead of adding one.
+#[tokio::test]
+async fn a_member_without_a_presence_key_gets_one_stable_generated_key() {
+    let (_pg, server) = setup("presencekey", |_| {}).await;
+    let user = token("authenticated", 600);
+    let mut member = Client::connect(server.addr, Some(&user), true).await;
+    let r =
+        member.push("realtime:keyless", "phx_join", json!({"config": {"presence": {"enabled": true}}})).await;
+    assert_eq!(member.reply(&r).await["payload"]["status"], "ok");
+    let mut keys = Vec::new();
+    for round in 0..2 {
+        let r = member
+            .push(
+                "realtime:keyless",
+                "presence",
+                json!({"type": "presence", "event": "track", "payload": {"round": round}}),
+            )
+            .await;
+        assert_eq!(member.reply(&r).await["payload"]["status"], "ok");
+        let diff = member
+            .expect("own join diff", |v| {
+                v["event"] == "presence_diff"
+                    && v["payload"]["joins"].as_object().is_some_and(|joins| !joins.is_empty())
+            })
+            .await;
+        let joins = diff["payload"]["joins"].as_object().expect("joins").clone();
+        assert_eq!(joins.len(), 1, "{diff}");
+        keys.extend(joins.keys().cloned());
+    }
+    assert!(!keys[0].is_empty(), "{keys:?}");
+    assert_eq!(keys[0], keys[1], "the generated key is kept for the channel");
+}
+
 #[tokio::test]
 async fn presence_is_left_when_a_socket_dies_or_stops_heartbeating() {
     let (_pg, server) = setup("presencegone", |c| c.heartbeat_timeout = Duration::from_secs(5)).await;

@@ -56,14 +56,14 @@ impl Session {
     }
 
     pub(super) async fn presence(&mut self, frame: Frame) -> Result<(), axum::Error> {
-        let Some(channel) = self.channels.get(&frame.topic) else {
+        let Some(channel) = self.channels.get_mut(&frame.topic) else {
             return self.reply_error(&frame, "unmatched topic: join the channel first").await;
         };
         if !channel.access.write {
             let reason = format!("not allowed to track presence on channel {:?}", channel_name(&frame.topic));
             return self.reply_error(&frame, reason).await;
         }
-        let key = channel.presence_key.clone();
+        let key = channel.presence_key.get_or_insert_with(|| crate::demo::random_secret().into()).to_string();
         match frame.payload.get("event").and_then(Value::as_str) {
             Some("track") => {
                 let meta = match frame.payload.get("payload") {

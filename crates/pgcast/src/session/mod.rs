@@ -135,7 +135,7 @@ fn write_meters() -> &'static WriteMeters {
 
 /// A channel this connection has joined.
 struct JoinedChannel {
-    join_ref: Option<String>,
+    join_ref: Option<Box<str>>,
     /// The join's `postgres_changes` bindings, kept (as compact JSON, not as parsed maps: this
     /// stays in memory for every joined channel) to re-bind them when the token changes.
     bindings: Option<Box<str>>,
@@ -147,8 +147,9 @@ struct JoinedChannel {
     access: ChannelAccess,
     /// `config.broadcast.ack`: broadcasts are acknowledged with a reply.
     ack: bool,
-    /// `config.presence.key`, or a generated one.
-    presence_key: String,
+    /// `config.presence.key`; without one a key is generated when the connection first tracks
+    /// presence (most joins never do, and each would otherwise hold a key it never uses).
+    presence_key: Option<Box<str>>,
     /// Whether `presence_state` was sent (it must precede diffs for the client to apply them).
     presence_synced: bool,
 }
@@ -160,7 +161,8 @@ pub struct Session {
     state: Arc<AppState>,
     socket: WebSocket,
     peer: SocketAddr,
-    apikey: Option<String>,
+    /// Kept for joins without their own `access_token`; boxed, without a String's spare room.
+    apikey: Option<Box<str>>,
     /// Boxed: a map allocates room for several entries at once, and most connections join one
     /// or two channels.
     channels: HashMap<String, Box<JoinedChannel>>,
@@ -184,6 +186,7 @@ impl Session {
         vsn: Vsn,
         apikey: Option<String>,
     ) -> Session {
+        let apikey = apikey.map(String::into_boxed_str);
         let handle = Arc::new(SessionHandle {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             vsn,
@@ -500,10 +503,10 @@ impl Session {
         let receive_own = config("/config/broadcast/self").and_then(Value::as_bool).unwrap_or(false);
         let ack = config("/config/broadcast/ack").and_then(Value::as_bool).unwrap_or(false);
         let presence_enabled = config("/config/presence/enabled").and_then(Value::as_bool).unwrap_or(false);
-        let presence_key = match config("/config/presence/key").and_then(Value::as_str) {
-            Some(key) if !key.is_empty() => key.to_string(),
-            _ => crate::demo::random_secret(),
-        };
+        let presence_key = config("/config/presence/key")
+            .and_then(Value::as_str)
+            .filter(|key| !key.is_empty())
+            .map(Box::from);
         let member =
             crate::broadcast::Member { session: self.handle.clone(), can_read: access.read, receive_own };
         let broadcast_replay = match parse_broadcast_resume(&frame.payload) {
@@ -531,7 +534,7 @@ impl Session {
         self.channels.insert(
             frame.topic.clone(),
             Box::new(JoinedChannel {
-                join_ref: frame.join_ref.clone(),
+                join_ref: frame.join_ref.as_deref().map(Box::from),
                 bindings: (!bindings.is_empty()).then(|| Value::from(bindings).to_string().into_boxed_str()),
                 subscriptions,
                 identity: claims.identity(),
