@@ -143,12 +143,8 @@ impl Shared {
         self.latency.record(now.saturating_sub(sent_us));
         slot.received.fetch_add(1, Ordering::Relaxed);
         slot.last_received_us.store(now, Ordering::Relaxed);
-        if now < self.first_received_us.load(Ordering::Relaxed) {
-            self.first_received_us.fetch_min(now, Ordering::Relaxed);
-        }
-        if now > self.last_received_us.load(Ordering::Relaxed) {
-            self.last_received_us.fetch_max(now, Ordering::Relaxed);
-        }
+        crate::histogram::lower_to(&self.first_received_us, now);
+        crate::histogram::raise_to(&self.last_received_us, now);
     }
 
     pub fn stopping(&self) -> bool {

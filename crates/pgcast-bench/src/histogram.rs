@@ -64,14 +64,8 @@ impl Recorder {
         self.counts[bucket_of(micros)].fetch_add(1, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum.fetch_add(micros, Ordering::Relaxed);
-        // A plain load first: a locked min/max on every record would bounce the cache line
-        // between the bench's threads.
-        if micros < self.min.load(Ordering::Relaxed) {
-            self.min.fetch_min(micros, Ordering::Relaxed);
-        }
-        if micros > self.max.load(Ordering::Relaxed) {
-            self.max.fetch_max(micros, Ordering::Relaxed);
-        }
+        lower_to(&self.min, micros);
+        raise_to(&self.max, micros);
     }
 
     /// Everything recorded since the last take, leaving the recorder empty.
@@ -90,6 +84,21 @@ impl Recorder {
             min: self.min.swap(u64::MAX, Ordering::Relaxed),
             max: self.max.swap(0, Ordering::Relaxed),
         }
+    }
+}
+
+/// Lowers `atomic` to `value` if that is smaller. A plain load comes first: a locked update on
+/// every sample would bounce the cache line between the bench's threads.
+pub fn lower_to(atomic: &AtomicU64, value: u64) {
+    if value < atomic.load(Ordering::Relaxed) {
+        atomic.fetch_min(value, Ordering::Relaxed);
+    }
+}
+
+/// Raises `atomic` to `value` if that is larger (see [`lower_to`]).
+pub fn raise_to(atomic: &AtomicU64, value: u64) {
+    if value > atomic.load(Ordering::Relaxed) {
+        atomic.fetch_max(value, Ordering::Relaxed);
     }
 }
 

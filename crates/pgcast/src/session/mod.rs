@@ -529,7 +529,8 @@ impl Session {
             bindings = subscriptions.len(),
             "joined"
         );
-        self.audit(AuditEvent::new(Action::Join).claims(Some(&claims)).channel(&frame.topic));
+        let identity = claims.identity();
+        self.audit(AuditEvent::new(Action::Join).identity(Some(&identity)).channel(&frame.topic));
         let has_changes = !subscriptions.is_empty();
         self.channels.insert(
             frame.topic.clone(),
@@ -537,7 +538,7 @@ impl Session {
                 join_ref: frame.join_ref.as_deref().map(Box::from),
                 bindings: (!bindings.is_empty()).then(|| Value::from(bindings).to_string().into_boxed_str()),
                 subscriptions,
-                identity: claims.identity(),
+                identity,
                 expires_at,
                 private,
                 access,
