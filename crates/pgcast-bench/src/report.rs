@@ -114,14 +114,19 @@ pub struct StageReport {
     /// least 95% of the offered rate, and p99 latency within `--sustain-p99-ms`.
     pub sustained: Option<bool>,
     /// The server's own view (its `pgcast_commit_to_send_seconds` histogram over this stage):
-    /// commit to the socket write, without the client's share of the latency.
-    pub server_commit_to_send: Option<ServerCommitToSend>,
+    /// commit to the socket write, without the client's share of the latency. `count` is the
+    /// socket writes carrying changes (a write can carry several).
+    pub server_commit_to_send: Option<ServerShares>,
+    /// The capture's share (`pgcast_commit_to_route_seconds`): commit to the router taking the
+    /// transaction. `count` is transactions.
+    pub server_commit_to_route: Option<ServerShares>,
 }
 
+/// A server histogram over one stage: the share of events within each bound.
 #[derive(Debug, Serialize)]
-pub struct ServerCommitToSend {
-    /// Socket writes carrying changes (a write can carry several).
-    pub writes: u64,
+pub struct ServerShares {
+    /// Events recorded during the stage.
+    pub count: u64,
     /// Share of those writes made within each bound, bounds ascending.
     pub within: Vec<Within>,
 }
@@ -132,13 +137,13 @@ pub struct Within {
     pub share: f64,
 }
 
-impl ServerCommitToSend {
+impl ServerShares {
     /// The difference between two scrapes of the cumulative buckets.
-    pub fn between(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<ServerCommitToSend> {
-        let count =
+    pub fn between(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<ServerShares> {
+        let at =
             |buckets: &[(f64, u64)], le: f64| buckets.iter().find(|(b, _)| *b == le).map_or(0, |(_, n)| *n);
-        let writes = count(after, f64::INFINITY).saturating_sub(count(before, f64::INFINITY));
-        if writes == 0 {
+        let count = at(after, f64::INFINITY).saturating_sub(at(before, f64::INFINITY));
+        if count == 0 {
             return None;
         }
         let within = after
@@ -146,10 +151,10 @@ impl ServerCommitToSend {
             .filter(|(le, _)| le.is_finite())
             .map(|(le, n)| Within {
                 ms: le * 1000.0,
-                share: n.saturating_sub(count(before, *le)) as f64 / writes as f64,
+                share: n.saturating_sub(at(before, *le)) as f64 / count as f64,
             })
             .collect();
-        Some(ServerCommitToSend { writes, within })
+        Some(ServerShares { count, within })
     }
 }
 

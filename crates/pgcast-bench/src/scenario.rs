@@ -16,7 +16,7 @@ use crate::client::Shape;
 use crate::histogram::Histogram;
 use crate::load::{self, BroadcastPlan, CommitPlan, Sent, Via};
 use crate::report::{
-    BurstTimes, ConnectionsReport, Cpu, Errors, Memory, Percentiles, Report, ServerCommitToSend, ServerInfo,
+    BurstTimes, ConnectionsReport, Cpu, Errors, Memory, Percentiles, Report, ServerInfo, ServerShares,
     StageReport,
 };
 use crate::target::{self, Target, TargetOptions};
@@ -207,7 +207,7 @@ async fn run_on(
                 plan.duration.as_secs_f64()
             ));
             let before = read(target);
-            let buckets_before = send_buckets(target).await;
+            let buckets_before = server_buckets(target).await;
             let sent = load::drive_commits(&target.database_url, plan).await?;
             let expectation = Expectation {
                 rows_per_user: sent.rows_per_user.clone(),
@@ -221,10 +221,8 @@ async fn run_on(
             let name = format!("commits {}/s", plan.rate);
             let mut stage =
                 stage_report(name, Some(plan.rate), &sent, &result, cpu_between(&before, &after), 0);
-            stage.server_commit_to_send =
-                ServerCommitToSend::between(&buckets_before, &send_buckets(target).await);
             log(format!("{} deliveries, {} missing", stage.deliveries, stage.missing));
-            log_server_view(&stage.server_commit_to_send);
+            server_view(&mut stage, &buckets_before, &server_buckets(target).await);
             collect_send_problems(&sent, &mut send_errors, &mut problems);
             all_latency.merge(&result.latency);
             stages.push(stage);
@@ -296,7 +294,7 @@ async fn run_on(
                 "one transaction of {rows} rows to {users} own-rows and {table_wide} table-wide subscribers"
             ));
             let before = read(target);
-            let buckets_before = send_buckets(target).await;
+            let buckets_before = server_buckets(target).await;
             let burst = load::drive_burst(&target.database_url, *rows, users as u64, body).await?;
             let expectation = Expectation {
                 rows_per_user: burst.sent.rows_per_user.clone(),
@@ -318,9 +316,7 @@ async fn run_on(
                 offset,
             );
             stage.sent_per_sec = None;
-            stage.server_commit_to_send =
-                ServerCommitToSend::between(&buckets_before, &send_buckets(target).await);
-            log_server_view(&stage.server_commit_to_send);
+            server_view(&mut stage, &buckets_before, &server_buckets(target).await);
             stage.burst = Some(BurstTimes {
                 insert_ms: offset as f64 / 1000.0,
                 commit_ms: burst.commit_done_us.saturating_sub(burst.commit_sent_us) as f64 / 1000.0,
@@ -504,26 +500,45 @@ fn stage_report(
         drain_ms: result.drain_ms,
         sustained: None,
         server_commit_to_send: None,
+        server_commit_to_route: None,
     }
 }
 
-/// The server's commit-to-send histogram buckets, if its `/metrics` answers.
-async fn send_buckets(target: &Target) -> Vec<(f64, u64)> {
+/// The server's two latency histograms, cumulative buckets as scraped.
+struct ServerBuckets {
+    route: Vec<(f64, u64)>,
+    send: Vec<(f64, u64)>,
+}
+
+/// Scrapes the server's commit-to-route and commit-to-send buckets (empty if `/metrics` fails).
+async fn server_buckets(target: &Target) -> ServerBuckets {
     match crate::http::get(target.server, "/metrics").await {
-        Ok((200, page)) => crate::http::histogram_buckets(&page, "pgcast_commit_to_send_seconds"),
-        _ => Vec::new(),
+        Ok((200, page)) => ServerBuckets {
+            route: crate::http::histogram_buckets(&page, "pgcast_commit_to_route_seconds"),
+            send: crate::http::histogram_buckets(&page, "pgcast_commit_to_send_seconds"),
+        },
+        _ => ServerBuckets { route: Vec::new(), send: Vec::new() },
     }
 }
 
-/// Logs the server's share of writes within a few bounds.
-fn log_server_view(view: &Option<ServerCommitToSend>) {
-    if let Some(view) = view {
+/// Fills in and logs the server's own view of the stage: its share of writes (and of routed
+/// transactions) within a few bounds of the commit.
+fn server_view(stage: &mut StageReport, before: &ServerBuckets, after: &ServerBuckets) {
+    stage.server_commit_to_send = ServerShares::between(&before.send, &after.send);
+    stage.server_commit_to_route = ServerShares::between(&before.route, &after.route);
+    let shares = |view: &ServerShares| {
         let shares: Vec<String> = view
             .within
             .iter()
             .filter(|w| [1.0, 5.0, 20.0, 50.0].contains(&w.ms))
             .map(|w| format!("{:.1}% within {} ms", w.share * 100.0, w.ms))
             .collect();
-        log(format!("server commit-to-send over {} writes: {}", view.writes, shares.join(", ")));
+        shares.join(", ")
+    };
+    if let Some(view) = &stage.server_commit_to_route {
+        log(format!("server commit-to-route over {} transactions: {}", view.count, shares(view)));
+    }
+    if let Some(view) = &stage.server_commit_to_send {
+        log(format!("server commit-to-send over {} writes: {}", view.count, shares(view)));
     }
 }

@@ -138,7 +138,7 @@ fn fanout_delivers_every_commit_to_own_rows_and_table_wide_subscribers() {
     assert_eq!(u(stage, "/deliveries"), 200 + 2 * 200);
     // The server's own commit-to-send view over the stage: some writes, shares ascending to 1.
     let server = &stage["server_commit_to_send"];
-    assert!(u(server, "/writes") > 0, "{server}");
+    assert!(u(server, "/count") > 0, "{server}");
     let shares: Vec<f64> = server["within"]
         .as_array()
         .expect("within")
@@ -146,6 +146,8 @@ fn fanout_delivers_every_commit_to_own_rows_and_table_wide_subscribers() {
         .map(|w| w["share"].as_f64().expect("share"))
         .collect();
     assert!(shares.windows(2).all(|w| w[0] <= w[1]) && shares.last() == Some(&1.0), "{server}");
+    // The capture's share: one routed transaction per commit.
+    assert_eq!(u(stage, "/server_commit_to_route/count"), 200, "{}", stage["server_commit_to_route"]);
 }
 
 #[test]

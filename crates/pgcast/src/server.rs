@@ -188,7 +188,7 @@ fn metrics_handle() -> Result<PrometheusHandle, ServerError> {
     }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
-            Matcher::Full("pgcast_commit_to_send_seconds".into()),
+            Matcher::Prefix("pgcast_commit_to_".into()),
             &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
         )
         .map_err(|e| ServerError::Metrics(e.to_string()))?

@@ -42,6 +42,7 @@ pub async fn run(
     rls: Option<Arc<RlsChecker>>,
 ) {
     let mut fanout = Fanout::default();
+    let commit_to_route = metrics::histogram!("pgcast_commit_to_route_seconds");
     let mut prune = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         let tx = tokio::select! {
@@ -56,8 +57,10 @@ pub async fn run(
         };
         let mut history = history.lock().await;
         // A transaction streamed again after a reconnect was already routed by this server.
-        let new = history.append(tx.clone(), crate::server::now_micros(), &progress);
+        let now = crate::server::now_micros();
+        let new = history.append(tx.clone(), now, &progress);
         if new {
+            commit_to_route.record((now - tx.commit_time_micros).max(0) as f64 / 1e6);
             let epoch = history.epoch().to_string();
             for (i, change) in tx.changes.iter().enumerate() {
                 let position = Position { lsn: tx.commit_lsn, index: i as u32 };
