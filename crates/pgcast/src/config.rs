@@ -16,6 +16,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
 pub const DEFAULT_PUBLICATION: &str = "pgcast";
 pub const DEFAULT_SLOT: &str = "pgcast";
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 1024;
+/// Default `write_coalesce_ms`.
+pub const DEFAULT_WRITE_COALESCE_MS: u64 = 1;
 pub const DEFAULT_HEARTBEAT_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
 pub const DEFAULT_MAX_MESSAGES_PER_SECOND: u32 = 100;
@@ -72,6 +74,7 @@ struct FileConfig {
     capture: Option<String>,
     audit_app_roles: Option<Vec<String>>,
     outbound_queue: Option<usize>,
+    write_coalesce_ms: Option<u64>,
     heartbeat_timeout_secs: Option<u64>,
     max_message_bytes: Option<usize>,
     max_messages_per_second: Option<u32>,
@@ -97,6 +100,10 @@ pub struct Config {
     pub audit_app_roles: Vec<String>,
     /// Messages a connection may have queued before it is cut off as too slow.
     pub outbound_queue: usize,
+    /// A lone message for a connection that wrote less than this long ago is held until this
+    /// long has passed, so a busy connection gets several messages per write (zero: write each
+    /// as soon as it is queued).
+    pub write_coalesce: Duration,
     /// A client that sends nothing (not even a heartbeat) for this long is disconnected.
     pub heartbeat_timeout: Duration,
     /// Largest client frame accepted; larger frames close the connection with a reason.
@@ -121,6 +128,7 @@ impl std::fmt::Debug for Config {
             .field("capture", &self.capture)
             .field("policy", &self.policy)
             .field("outbound_queue", &self.outbound_queue)
+            .field("write_coalesce", &self.write_coalesce)
             .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("max_messages_per_second", &self.max_messages_per_second)
@@ -201,6 +209,13 @@ impl Config {
                 message: "must be between 16 and 1000000 messages".into(),
             });
         }
+        let write_coalesce_ms = from_file.write_coalesce_ms.unwrap_or(DEFAULT_WRITE_COALESCE_MS);
+        if write_coalesce_ms > 100 {
+            return Err(ConfigError::Invalid {
+                key: "write_coalesce_ms",
+                message: "must be between 0 and 100 milliseconds".into(),
+            });
+        }
         let heartbeat_secs = from_file.heartbeat_timeout_secs.unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT_SECS);
         if !(5..=3600).contains(&heartbeat_secs) {
             return Err(ConfigError::Invalid {
@@ -254,6 +269,7 @@ impl Config {
             policy,
             audit_app_roles: from_file.audit_app_roles.unwrap_or_default(),
             outbound_queue,
+            write_coalesce: Duration::from_millis(write_coalesce_ms),
             heartbeat_timeout: Duration::from_secs(heartbeat_secs),
             max_message_bytes,
             max_messages_per_second,
@@ -301,6 +317,19 @@ mod tests {
         assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(config.publication, "pgcast");
         assert_eq!(config.slot, "pgcast");
+    }
+
+    #[test]
+    fn write_coalescing_defaults_to_a_millisecond_and_is_bounded() {
+        assert_eq!(Config::load(None, overrides()).unwrap().write_coalesce, Duration::from_millis(1));
+        let dir = std::env::temp_dir().join(format!("pgcast-coalesce-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pgcast.toml");
+        std::fs::write(&path, "write_coalesce_ms = 0\n").unwrap();
+        assert_eq!(Config::load(Some(&path), overrides()).unwrap().write_coalesce, Duration::ZERO);
+        std::fs::write(&path, "write_coalesce_ms = 101\n").unwrap();
+        let err = Config::load(Some(&path), overrides()).unwrap_err().to_string();
+        assert!(err.starts_with("invalid write_coalesce_ms"), "{err}");
     }
 
     #[test]

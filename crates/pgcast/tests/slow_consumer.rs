@@ -1,6 +1,7 @@
-//! A client that stops reading is cut off with a reason once its bounded queue fills (even if
-//! it never reads again), while clients reading normally on the same table receive everything,
-//! with their latency measured against a run without the stalled client.
+//! The write path to clients. A client that stops reading is cut off with a reason once its
+//! bounded queue fills (even if it never reads again), while clients reading normally on the
+//! same table receive everything, with their latency measured against a run without the stalled
+//! client. A busy connection's writes are coalesced, without loss or reordering.
 
 mod common;
 
@@ -210,4 +211,41 @@ async fn a_stalled_client_is_cut_off_while_the_others_latency_holds() {
     );
     // Loosely: a shared 2-core machine running debug builds is noisy.
     assert!(p99_l <= 2 * p99_u + 20_000, "p99 {p99_l} µs with a stalled client vs {p99_u} µs without");
+}
+
+/// A connection written to moments ago that gets one new message holds the write until the
+/// coalescing window has passed (what arrives meanwhile shares it); nothing is lost or
+/// reordered by the hold.
+#[tokio::test]
+async fn a_busy_connection_holds_a_lone_message_for_the_coalescing_window_without_reordering() {
+    use std::time::{Duration, Instant};
+
+    const WINDOW: Duration = Duration::from_millis(400);
+    let pg = Pg::start("coalesce").await;
+    pg.publish("CREATE TABLE ticks (id int PRIMARY KEY)", &["ticks"]).await;
+    let mut config = config(&pg);
+    config.write_coalesce = WINDOW;
+    let server = start_server(config).await;
+    let service = token("service_role", 600);
+    let mut client = Client::connect(server.addr, Some(&service), true).await;
+    client.join("realtime:ticks", json!([binding("INSERT", "ticks", None)]), None).await;
+    let writer = pg.client().await;
+    let ids = |changes: &[serde_json::Value]| -> Vec<i64> {
+        changes.iter().map(|c| c["data"]["record"]["id"].as_i64().expect("id")).collect()
+    };
+
+    // The first change goes out at once (nothing was written before it) ...
+    let started = Instant::now();
+    writer.execute("INSERT INTO ticks VALUES (1)", &[]).await.expect("insert 1");
+    assert_eq!(ids(&client.changes(1, DEADLINE).await), [1]);
+    // ... the next one, committed right after, is the only message queued, so it waits for the
+    // window since that write (which came after `started`): it cannot arrive before
+    // `started + WINDOW`. The ones committed during the hold go with it or after it.
+    for id in 2..=5 {
+        writer.execute("INSERT INTO ticks VALUES ($1)", &[&id]).await.expect("insert");
+    }
+    let rest = client.changes(4, DEADLINE).await;
+    let rest_at = started.elapsed();
+    assert_eq!(ids(&rest), [2, 3, 4, 5], "every change, in commit order");
+    assert!(rest_at >= WINDOW, "the second write came {rest_at:?} after the first change, inside the window");
 }

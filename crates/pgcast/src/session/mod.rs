@@ -239,6 +239,9 @@ impl Session {
         let handle = self.handle.clone();
         // Grows on demand and is trimmed after each write: idle connections hold no batch.
         let mut batch: Vec<Outbound> = Vec::new();
+        let coalesce = self.state.config.write_coalesce;
+        // When the last batch was written: a connection written to within `coalesce` is busy.
+        let mut last_write: Option<Instant> = None;
         // One timer for the heartbeat and the earliest token expiry, re-armed only when that
         // deadline moves: not on every wake, which under load is thousands a second.
         let timer = tokio::time::sleep_until(heartbeat_deadline);
@@ -252,9 +255,24 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = handle.queue.pop_many(&mut batch, WRITE_BATCH) => {
+                    // A connection keeping up with a steady stream (a dashboard taking every
+                    // change) gets its messages one at a time; if it wrote within the window it
+                    // waits out the rest of it, so what arrives meanwhile shares this write: a
+                    // write's cost is the syscall (and, on loopback, the receiver's kernel
+                    // work), not the bytes. A connection that found a backlog is written at
+                    // once: the backlog is its batch, and a timer per lagging connection would
+                    // only slow a saturated server further.
+                    if batch.len() == 1 {
+                        if let Some(hold) = last_write.map(|at| at + coalesce).filter(|h| *h > Instant::now()) {
+                            // Boxed: only held connections carry a timer, not every idle task.
+                            Box::pin(tokio::time::sleep_until(hold)).await;
+                            handle.queue.take(&mut batch, WRITE_BATCH - 1);
+                        }
+                    }
                     if self.write_batch(&mut batch).await.is_err() {
                         return Ending::Gone;
                     }
+                    last_write = Some(Instant::now());
                     batch.shrink_to(IDLE_BATCH);
                 }
                 incoming = self.socket.recv() => {

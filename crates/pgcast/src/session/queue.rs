@@ -68,20 +68,26 @@ impl Queue {
     /// Waits until something is queued, then moves up to `limit` messages into `out`.
     pub async fn pop_many(&self, out: &mut Vec<Outbound>, limit: usize) -> usize {
         loop {
-            {
-                let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                if !state.items.is_empty() {
-                    let n = state.items.len().min(limit);
-                    out.extend(state.items.drain(..n));
-                    if state.items.is_empty() {
-                        state.items.shrink_to(KEEP);
-                    }
-                    return n;
-                }
+            let n = self.take(out, limit);
+            if n > 0 {
+                return n;
             }
             // A push between the check and here leaves a permit: no wake-up is lost.
             self.ready.notified().await;
         }
+    }
+
+    /// Moves up to `limit` queued messages into `out` without waiting.
+    pub fn take(&self, out: &mut Vec<Outbound>, limit: usize) -> usize {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let n = state.items.len().min(limit);
+        if n > 0 {
+            out.extend(state.items.drain(..n));
+            if state.items.is_empty() {
+                state.items.shrink_to(KEEP);
+            }
+        }
+        n
     }
 
     /// Refuses further pushes and drops what is queued.
@@ -110,7 +116,8 @@ mod tests {
         assert_eq!(queue.try_push(item(4)), Err(PushError::Full));
         let mut out = Vec::new();
         assert_eq!(queue.pop_many(&mut out, 2).await, 2);
-        assert_eq!(queue.pop_many(&mut out, 10).await, 1);
+        assert_eq!(queue.take(&mut out, 10), 1);
+        assert_eq!(queue.take(&mut out, 10), 0);
         let order: Vec<i64> = out.iter().map(|o| o.commit_time_micros).collect();
         assert_eq!(order, [1, 2, 3]);
         queue.close();
