@@ -36,6 +36,9 @@ cargo build --locked --bins --tests
 log "SDK build (clients/js; the Rust end-to-end tests drive SDK clients too)"
 (cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run build)
 
+log "Node baseline for the bench (crates/pgcast-bench/baselines/node-ws-notify)"
+(cd crates/pgcast-bench/baselines/node-ws-notify && npm ci --no-audit --no-fund --loglevel=error)
+
 log "Rust tests (unit + integration against real PostgreSQL)"
 if have cargo-nextest; then
   cargo nextest run --locked --no-fail-fast

@@ -185,3 +185,50 @@ fn burst_reports_when_every_subscriber_had_all_rows() {
     assert!(all >= stage["completion_ms"]["p50"].as_f64().expect("completion p50"));
     assert!(stage["burst"]["insert_ms"].as_f64().is_some());
 }
+
+/// The Node baseline (seed 003's design: `ws` + LISTEN/NOTIFY), started by the bench like
+/// pgcast; `npm ci` in its directory first (the test script does).
+fn node_baseline() -> String {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("baselines/node-ws-notify");
+    assert!(
+        dir.join("node_modules/ws").is_dir() && dir.join("node_modules/pg").is_dir(),
+        "run `npm ci` in {} first",
+        dir.display()
+    );
+    dir.join("serve").display().to_string()
+}
+
+#[test]
+fn the_node_baseline_is_measured_by_the_same_scenarios() {
+    let serve = node_baseline();
+    let report = run_bench(
+        "baseline-fanout",
+        &[
+            "fanout",
+            "--clients",
+            "20",
+            "--table-wide",
+            "2",
+            "--rate",
+            "100",
+            "--duration-secs",
+            "2",
+            "--pgcast-bin",
+            &serve,
+        ],
+    );
+    assert_plausible(&report, "fanout", 22);
+    assert_delivered(&report);
+    assert_eq!(report["connections"]["server_reported"].as_f64(), Some(22.0));
+    let stage = &report["stages"][0];
+    assert_eq!(u(stage, "/deliveries"), 200 + 2 * 200);
+    // It has neither of pgcast's latency histograms.
+    assert!(stage["server_commit_to_send"].is_null() && stage["server_commit_to_route"].is_null());
+
+    let report = run_bench(
+        "baseline-broadcast",
+        &["broadcast", "--clients", "10", "--rate", "20", "--duration-secs", "1", "--pgcast-bin", &serve],
+    );
+    assert_plausible(&report, "broadcast", 10);
+    assert_delivered(&report);
+}
