@@ -109,26 +109,15 @@ fn idle_connections_across_two_worker_processes_are_all_held() {
     assert!(report["stages"].as_array().is_some_and(Vec::is_empty));
 }
 
+/// 20 own-rows and 2 table-wide subscribers, 200 commits: each row reaches three of them.
+const SMALL_FANOUT: &[&str] =
+    &["fanout", "--clients", "20", "--table-wide", "2", "--rate", "100", "--duration-secs", "2"];
+
 /// With `--client-nice` the clients run in a worker process, whose stage report (latency
 /// histogram included) travels back to the coordinator as a JSON line.
 #[test]
 fn fanout_delivers_every_commit_to_own_rows_and_table_wide_subscribers() {
-    let report = run_bench(
-        "fanout",
-        &[
-            "fanout",
-            "--clients",
-            "20",
-            "--table-wide",
-            "2",
-            "--rate",
-            "100",
-            "--duration-secs",
-            "2",
-            "--client-nice",
-            "5",
-        ],
-    );
+    let report = run_bench("fanout", &[SMALL_FANOUT, &["--client-nice", "5"]].concat());
     assert_plausible(&report, "fanout", 22);
     assert_eq!(u(&report, "/parameters/common/client_nice"), 5);
     assert_delivered(&report);
@@ -201,22 +190,7 @@ fn node_baseline() -> String {
 #[test]
 fn the_node_baseline_is_measured_by_the_same_scenarios() {
     let serve = node_baseline();
-    let report = run_bench(
-        "baseline-fanout",
-        &[
-            "fanout",
-            "--clients",
-            "20",
-            "--table-wide",
-            "2",
-            "--rate",
-            "100",
-            "--duration-secs",
-            "2",
-            "--pgcast-bin",
-            &serve,
-        ],
-    );
+    let report = run_bench("baseline-fanout", &[SMALL_FANOUT, &["--pgcast-bin", &serve]].concat());
     assert_plausible(&report, "fanout", 22);
     assert_delivered(&report);
     assert_eq!(report["connections"]["server_reported"].as_f64(), Some(22.0));
