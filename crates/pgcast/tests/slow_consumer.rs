@@ -39,11 +39,17 @@ async fn a_client_that_stops_reading_is_cut_off_and_others_are_not() {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     });
-    let received = fast.changes(ROWS, DEADLINE * 2).await;
-    writer.await.expect("writer");
-    assert_eq!(received.len(), ROWS, "the reading client gets every change");
+    let fast_reader = tokio::spawn(async move { fast.changes(ROWS, DEADLINE * 2).await.len() });
 
-    // Now the slow client reads: what was already queued, then a close frame with the reason.
+    // Once it is cut off, the slow client reads: what was already queued, then a close frame
+    // with the reason (the server tries to deliver it for a couple of seconds, so the client
+    // starts reading as soon as the cut is seen, whatever the reading client is doing).
+    let port = server.addr.port();
+    let deadline = std::time::Instant::now() + DEADLINE * 2;
+    while metric(port, "pgcast_slow_consumers_total").await < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "the slow client was never cut off");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let mut got: Vec<i64> = Vec::new();
     let mut from = None;
     let close = loop {
@@ -60,6 +66,8 @@ async fn a_client_that_stops_reading_is_cut_off_and_others_are_not() {
     assert_eq!(close["code"], 4000, "{close}");
     assert!(close["reason"].as_str().unwrap().starts_with("slow consumer"), "{close}");
     assert!(got.len() < ROWS, "it was cut off before the end");
+    writer.await.expect("writer");
+    assert_eq!(fast_reader.await.expect("reader"), ROWS, "the reading client gets every change");
 
     // Because of resume it loses nothing: it comes back from its last position.
     let from = from.expect("it received something before the cut");
@@ -240,12 +248,17 @@ async fn a_busy_connection_holds_a_lone_message_for_the_coalescing_window_withou
     assert_eq!(ids(&client.changes(1, DEADLINE).await), [1]);
     // ... the next one, committed right after, is the only message queued, so it waits for the
     // window since that write (which came after `started`): it cannot arrive before
-    // `started + WINDOW`. The ones committed during the hold go with it or after it.
-    for id in 2..=5 {
+    // `started + WINDOW`.
+    writer.execute("INSERT INTO ticks VALUES (2)", &[]).await.expect("insert 2");
+    assert_eq!(ids(&client.changes(1, DEADLINE).await), [2]);
+    let second_at = started.elapsed();
+    assert!(
+        second_at >= WINDOW,
+        "the second write came {second_at:?} after the first change, inside the window"
+    );
+    // Several committed at once while a write is held: all of them, in commit order.
+    for id in 3..=6 {
         writer.execute("INSERT INTO ticks VALUES ($1)", &[&id]).await.expect("insert");
     }
-    let rest = client.changes(4, DEADLINE).await;
-    let rest_at = started.elapsed();
-    assert_eq!(ids(&rest), [2, 3, 4, 5], "every change, in commit order");
-    assert!(rest_at >= WINDOW, "the second write came {rest_at:?} after the first change, inside the window");
+    assert_eq!(ids(&client.changes(4, DEADLINE).await), [3, 4, 5, 6], "every change, in commit order");
 }
