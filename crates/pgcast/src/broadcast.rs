@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::capture::value::write_json_string;
 use crate::protocol::phoenix::{self, Vsn};
-use crate::session::{Outbound, SessionHandle};
+use crate::session::{Frames, Outbound, SessionHandle};
 
 /// A member's standing on one topic.
 #[derive(Debug, Clone)]
@@ -205,7 +205,7 @@ impl Hub {
                     message
                 }
             };
-            if member.session.deliver(Outbound { message, commit_time_micros: 0 }) {
+            if member.session.deliver(Outbound { frames: Frames::One(message), commit_time_micros: 0 }) {
                 delivered += 1;
             }
         }

@@ -34,7 +34,7 @@ use crate::protocol::phoenix::{self, Vsn};
 use crate::router::index::Subscription;
 use crate::router::policy::{Policy, PolicyError};
 use crate::router::{self, index::Index};
-use crate::session::Outbound;
+use crate::session::{Frames, Outbound};
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 
 /// Transactions buffered between capture and router.
@@ -116,7 +116,7 @@ impl AppState {
                     )
                 })
                 .clone();
-            session.deliver(Outbound { message, commit_time_micros: 0 });
+            session.deliver(Outbound { frames: Frames::One(message), commit_time_micros: 0 });
         }
     }
 

@@ -262,3 +262,35 @@ async fn a_busy_connection_holds_a_lone_message_for_the_coalescing_window_withou
     }
     assert_eq!(ids(&client.changes(4, DEADLINE).await), [3, 4, 5, 6], "every change, in commit order");
 }
+
+/// A transaction far larger than `outbound_queue` is one entry in each subscriber's queue: the
+/// reading table-wide clients get every row of it, in order, and nobody is cut off.
+#[tokio::test]
+async fn a_transaction_larger_than_the_queue_reaches_reading_clients_whole() {
+    let pg = Pg::start("bigtx").await;
+    pg.publish("CREATE TABLE bulk (id int PRIMARY KEY, body text)", &["bulk"]).await;
+    let mut config = config(&pg);
+    config.outbound_queue = 16;
+    let server = start_server(config).await;
+    let service = token("service_role", 600);
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut client = Client::connect(server.addr, Some(&service), true).await;
+        client.join("realtime:bulk", json!([binding("INSERT", "bulk", None)]), None).await;
+        clients.push(client);
+    }
+
+    const ROWS: i64 = 2000;
+    pg.exec(&format!("INSERT INTO bulk SELECT g, md5(g::text) FROM generate_series(1, {ROWS}) g")).await;
+    pg.exec(&format!("INSERT INTO bulk VALUES ({}, 'after')", ROWS + 1)).await;
+    for client in &mut clients {
+        let got: Vec<i64> = client
+            .changes(ROWS as usize + 1, DEADLINE)
+            .await
+            .iter()
+            .map(|c| c["data"]["record"]["id"].as_i64().expect("id"))
+            .collect();
+        assert_eq!(got, (1..=ROWS + 1).collect::<Vec<_>>(), "every row, in commit order");
+    }
+    assert_eq!(metric(server.addr.port(), "pgcast_slow_consumers_total").await, 0.0);
+}

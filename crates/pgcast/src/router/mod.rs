@@ -12,6 +12,7 @@ pub mod filter;
 pub mod index;
 pub mod payload;
 pub mod policy;
+pub mod runs;
 
 use std::ops::Range;
 use std::sync::{Arc, RwLock};
@@ -22,7 +23,7 @@ use tokio::sync::mpsc;
 use crate::capture::{Change, Progress, Transaction};
 use crate::log::{History, Position};
 use crate::protocol::phoenix;
-use crate::session::{Outbound, SessionHandle};
+use crate::session::{Frames, Outbound, SessionHandle};
 use index::{Index, Subscription};
 use payload::View;
 use policy::{RlsIdentity, Visibility, FULL_SHAPE_ID, LEFT_VIEW_SHAPE_ID};
@@ -42,6 +43,7 @@ pub async fn run(
     rls: Option<Arc<RlsChecker>>,
 ) {
     let mut fanout = Fanout::default();
+    let mut runs = runs::Runs::default();
     let commit_to_route = metrics::histogram!("pgcast_commit_to_route_seconds");
     let mut prune = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
@@ -62,12 +64,28 @@ pub async fn run(
         if new {
             commit_to_route.record((now - tx.commit_time_micros).max(0) as f64 / 1e6);
             let epoch = history.epoch().to_string();
-            for (i, change) in tx.changes.iter().enumerate() {
-                let position = Position { lsn: tx.commit_lsn, index: i as u32 };
+            if let [change] = tx.changes.as_slice() {
+                let position = Position { lsn: tx.commit_lsn, index: 0 };
                 let mut deliver = |session: &Arc<SessionHandle>, message: Message| {
-                    session.deliver(Outbound { message, commit_time_micros: tx.commit_time_micros })
+                    session.deliver(Outbound {
+                        frames: Frames::One(message),
+                        commit_time_micros: tx.commit_time_micros,
+                    })
                 };
                 fanout.route(&tx, change, position, &epoch, &index, rls.as_deref(), &mut deliver).await;
+            } else {
+                // A session gets a multi-change transaction as one queue entry, shared with
+                // the sessions that get the same messages: a large transaction then counts
+                // once against a subscriber's queue and is held once in memory.
+                for (i, change) in tx.changes.iter().enumerate() {
+                    let position = Position { lsn: tx.commit_lsn, index: i as u32 };
+                    let mut gather = |session: &Arc<SessionHandle>, message: Message| {
+                        runs.push(session, message);
+                        true
+                    };
+                    fanout.route(&tx, change, position, &epoch, &index, rls.as_deref(), &mut gather).await;
+                }
+                runs.deliver(tx.commit_time_micros);
             }
         }
         drop(history);

@@ -38,7 +38,7 @@ mod subscribe;
 
 use queue::{PushError, Queue};
 
-/// Most messages written before one flush.
+/// Most frames taken from the queue for one flush (a larger transaction goes whole).
 const WRITE_BATCH: usize = 64;
 /// Batch capacity kept between writes.
 const IDLE_BATCH: usize = 4;
@@ -59,10 +59,29 @@ pub mod close_code {
 /// A message on its way to one or more connections: the bytes are shared, not copied.
 #[derive(Clone, Debug)]
 pub struct Outbound {
-    /// A text or binary frame; cloning it shares the bytes.
-    pub message: Message,
-    /// Commit time of the change it carries (µs since the Unix epoch), for the latency metric.
+    pub frames: Frames,
+    /// Commit time of the change(s) it carries (µs since the Unix epoch), for the latency
+    /// metric; 0 for messages that carry no change.
     pub commit_time_micros: i64,
+}
+
+/// What one queue entry writes: cloning either shares the bytes.
+#[derive(Clone, Debug)]
+pub enum Frames {
+    /// A text or binary frame.
+    One(Message),
+    /// A multi-change transaction's frames for this session, in order; sessions that get the
+    /// same sequence share it (see `router::runs`).
+    Run(Arc<[Message]>),
+}
+
+impl Frames {
+    fn len(&self) -> usize {
+        match self {
+            Frames::One(_) => 1,
+            Frames::Run(run) => run.len(),
+        }
+    }
 }
 
 /// The router's view of a session: where to put messages, and how to cut it off.
@@ -76,6 +95,26 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
+    /// A handle with no connection behind it, for tests of what producers queue.
+    #[cfg(test)]
+    pub fn detached(capacity: usize) -> Arc<SessionHandle> {
+        Arc::new(SessionHandle {
+            id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
+            vsn: Vsn::V2,
+            queue: Queue::new(capacity),
+            kick_reason: Mutex::new(None),
+            kick: Notify::new(),
+        })
+    }
+
+    /// Everything queued so far (tests).
+    #[cfg(test)]
+    pub fn take_queued(&self) -> Vec<Outbound> {
+        let mut out = Vec::new();
+        self.queue.take(&mut out, usize::MAX);
+        out
+    }
+
     /// Queues a message; if the queue is full the session is cut off (it will be closed with a
     /// reason) and `false` is returned.
     pub fn deliver(&self, message: Outbound) -> bool {
@@ -262,7 +301,7 @@ impl Session {
                     // work), not the bytes. A connection that found a backlog is written at
                     // once: the backlog is its batch, and a timer per lagging connection would
                     // only slow a saturated server further.
-                    if batch.len() == 1 {
+                    if matches!(batch.as_slice(), [only] if only.frames.len() == 1) {
                         if let Some(hold) = last_write.map(|at| at + coalesce).filter(|h| *h > Instant::now()) {
                             // Boxed: only held connections carry a timer, not every idle task.
                             Box::pin(tokio::time::sleep_until(hold)).await;
@@ -330,9 +369,16 @@ impl Session {
     /// Feeds a batch of queued messages and flushes once.
     async fn write_batch(&mut self, batch: &mut Vec<Outbound>) -> Result<(), axum::Error> {
         let oldest = batch.iter().map(|m| m.commit_time_micros).min().unwrap_or(0);
-        let count = batch.len();
-        for message in batch.drain(..) {
-            self.socket.feed(message.message).await?;
+        let count: usize = batch.iter().map(|m| m.frames.len()).sum();
+        for entry in batch.drain(..) {
+            match entry.frames {
+                Frames::One(message) => self.socket.feed(message).await?,
+                Frames::Run(run) => {
+                    for message in run.iter() {
+                        self.socket.feed(message.clone()).await?;
+                    }
+                }
+            }
         }
         self.socket.flush().await?;
         let meters = write_meters();
