@@ -91,7 +91,6 @@ impl Queue {
         }
     }
 
-    /// Moves up to `limit` queued messages into `out` without waiting.
     /// Moves queued entries into `out` without waiting, oldest first, while they add up to at
     /// most `limit_frames` frames (always at least one entry, however large); returns how many.
     pub fn take(&self, out: &mut Vec<Outbound>, limit_frames: usize) -> usize {
