@@ -10,12 +10,7 @@ async fn setup(
     name: &str,
     tune: impl FnOnce(&mut pgcast::config::Config),
 ) -> (Pg, pgcast::server::RunningServer) {
-    let pg = Pg::start(name).await;
-    pg.publish("CREATE TABLE t (id int PRIMARY KEY)", &["t"]).await;
-    let mut config = config(&pg);
-    tune(&mut config);
-    let server = start_server(config).await;
-    (pg, server)
+    start_with(name, "CREATE TABLE t (id int PRIMARY KEY)", &["t"], tune).await
 }
 
 #[tokio::test]

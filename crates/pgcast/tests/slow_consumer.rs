@@ -10,13 +10,13 @@ use serde_json::json;
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_off_and_others_are_not() {
-    let pg = Pg::start("slow").await;
-    pg.publish("CREATE TABLE feed (id int PRIMARY KEY, body text)", &["feed"]).await;
     // The default queue: a smaller one can cut a client that reads, when the outbox reader
     // (trigger mode) hands over a thousand rows at once.
-    let mut config = config(&pg);
-    config.outbound_queue = 1024;
-    let server = start_server(config).await;
+    let (pg, server) =
+        start_with("slow", "CREATE TABLE feed (id int PRIMARY KEY, body text)", &["feed"], |c| {
+            c.outbound_queue = 1024
+        })
+        .await;
     let service = token("service_role", 600);
 
     let mut slow = Client::connect_small_buffer(server.addr, &service).await;
@@ -127,12 +127,9 @@ async fn a_stalled_client_is_cut_off_while_the_others_latency_holds() {
     use std::time::{Duration, Instant};
     use tokio_tungstenite::tungstenite::Message;
 
-    let pg = Pg::start("stalled").await;
-    pg.publish("CREATE TABLE feed (id int PRIMARY KEY, sent_us int8 NOT NULL, body text)", &["feed"]).await;
-    let mut config = config(&pg);
+    let schema = "CREATE TABLE feed (id int PRIMARY KEY, sent_us int8 NOT NULL, body text)";
     // Room for the few transactions the outbox reader (trigger mode) may hand over at once.
-    config.outbound_queue = 256;
-    let server = start_server(config).await;
+    let (pg, server) = start_with("stalled", schema, &["feed"], |c| c.outbound_queue = 256).await;
     let port = server.addr.port();
     let service = token("service_role", 600);
 
@@ -229,11 +226,10 @@ async fn a_busy_connection_holds_a_lone_message_for_the_coalescing_window_withou
     use std::time::{Duration, Instant};
 
     const WINDOW: Duration = Duration::from_millis(400);
-    let pg = Pg::start("coalesce").await;
-    pg.publish("CREATE TABLE ticks (id int PRIMARY KEY)", &["ticks"]).await;
-    let mut config = config(&pg);
-    config.write_coalesce = WINDOW;
-    let server = start_server(config).await;
+    let (pg, server) = start_with("coalesce", "CREATE TABLE ticks (id int PRIMARY KEY)", &["ticks"], |c| {
+        c.write_coalesce = WINDOW
+    })
+    .await;
     let service = token("service_role", 600);
     let mut client = Client::connect(server.addr, Some(&service), true).await;
     client.join("realtime:ticks", json!([binding("INSERT", "ticks", None)]), None).await;
@@ -267,11 +263,11 @@ async fn a_busy_connection_holds_a_lone_message_for_the_coalescing_window_withou
 /// reading table-wide clients get every row of it, in order, and nobody is cut off.
 #[tokio::test]
 async fn a_transaction_larger_than_the_queue_reaches_reading_clients_whole() {
-    let pg = Pg::start("bigtx").await;
-    pg.publish("CREATE TABLE bulk (id int PRIMARY KEY, body text)", &["bulk"]).await;
-    let mut config = config(&pg);
-    config.outbound_queue = 16;
-    let server = start_server(config).await;
+    let (pg, server) =
+        start_with("bigtx", "CREATE TABLE bulk (id int PRIMARY KEY, body text)", &["bulk"], |c| {
+            c.outbound_queue = 16
+        })
+        .await;
     let service = token("service_role", 600);
     let mut clients = Vec::new();
     for _ in 0..3 {

@@ -106,9 +106,11 @@ impl Queue {
             entries += 1;
             frames += size;
         }
-        state.frames -= frames;
-        if state.items.is_empty() {
-            state.items.shrink_to(KEEP);
+        if entries > 0 {
+            state.frames -= frames;
+            if state.items.is_empty() {
+                state.items.shrink_to(KEEP);
+            }
         }
         entries
     }

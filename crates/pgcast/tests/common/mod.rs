@@ -151,6 +151,21 @@ pub fn config(pg: &Pg) -> Config {
     config
 }
 
+/// A private PostgreSQL with `schema_sql` run and `tables` published, and a server on the test
+/// configuration as `tune` leaves it.
+pub async fn start_with(
+    name: &str,
+    schema_sql: &str,
+    tables: &[&str],
+    tune: impl FnOnce(&mut Config),
+) -> (Pg, RunningServer) {
+    let pg = Pg::start(name).await;
+    pg.publish(schema_sql, tables).await;
+    let mut config = config(&pg);
+    tune(&mut config);
+    (pg, start_server(config).await)
+}
+
 pub async fn start_server(config: Config) -> RunningServer {
     let server = pgcast::server::start(config).await.expect("start server");
     wait_ready(&format!("http://{}", server.addr)).await;
