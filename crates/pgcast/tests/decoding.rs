@@ -5,6 +5,8 @@ mod common;
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
+
 use common::*;
 use serde_json::{json, Value};
 
@@ -16,6 +18,10 @@ CREATE TABLE everything (
     label text, name varchar(20), ident uuid, at timestamptz, local_at timestamp, day date,
     doc json, docb jsonb, ints int4[], texts text[], feeling mood, amount numeric(10,2)
 );
+CREATE TABLE edges (
+    id int8 PRIMARY KEY, at timestamptz, local_at timestamp, day date, approx float8, single float4,
+    clock timetz, span interval, ats timestamptz[]
+);
 CREATE TABLE notes (id int PRIMARY KEY, title text, body text);
 CREATE TABLE notes_full (id int PRIMARY KEY, title text, body text);
 ALTER TABLE notes_full REPLICA IDENTITY FULL;
@@ -25,7 +31,7 @@ ALTER TABLE notes_full ALTER COLUMN body SET STORAGE EXTERNAL;
 
 async fn setup(name: &str) -> (Pg, pgcast::server::RunningServer, Client) {
     let pg = Pg::start(name).await;
-    pg.publish(SCHEMA, &["everything", "notes", "notes_full"]).await;
+    pg.publish(SCHEMA, &["everything", "edges", "notes", "notes_full"]).await;
     let server = start_server(config(&pg)).await;
     let mut client = Client::connect(server.addr, Some(&token("service_role", 600)), true).await;
     let reply = client
@@ -33,6 +39,7 @@ async fn setup(name: &str) -> (Pg, pgcast::server::RunningServer, Client) {
             "realtime:all",
             json!([
                 binding("*", "everything", None),
+                binding("*", "edges", None),
                 binding("*", "notes", None),
                 binding("*", "notes_full", None)
             ]),
@@ -109,6 +116,54 @@ async fn every_type_renders_like_to_jsonb() {
     assert_eq!(one_change(&mut client).await["record"], to_jsonb(&pg, "everything", 2).await);
     pg.exec("INSERT INTO everything (id, exact, approx) VALUES (3, 'NaN', '-Infinity')").await;
     assert_eq!(one_change(&mut client).await["record"], to_jsonb(&pg, "everything", 3).await);
+}
+
+/// The text of the number a message's `record` carries under `key` (numbers hold no `,` or `}`).
+fn raw_number<'a>(message: &'a str, key: &str) -> &'a str {
+    let record = &message[message.find("\"record\":").expect("a record")..];
+    let at =
+        record.find(&format!("\"{key}\":")).unwrap_or_else(|| panic!("{key} in {record}")) + key.len() + 3;
+    let end = record[at..].find([',', '}']).expect("end of number");
+    &record[at..at + end]
+}
+
+#[tokio::test]
+async fn edge_values_render_exactly_like_to_jsonb() {
+    let (pg, _server, mut client) = setup("edges").await;
+    let rows = [
+        "(1, '4713-01-01 00:00:00+00 BC', '4713-01-01 00:00:00 BC', '4713-01-01 BC', 1e300, 3.4e38,
+          '24:00:00-15:59', '1 year 2 mons -3 days 04:05:06.5', '{\"0044-03-15 12:00:00+00 BC\",infinity}')",
+        "(2, '294276-12-31 23:59:59.999999+00', '294276-12-31 23:59:59.999999', '5874897-12-31', 1.5e-7, 1e-45,
+          '00:00+00', '-178000000 years', '{}')",
+        "(3, 'infinity', '-infinity', 'infinity', '-0', 'NaN', '12:34:56.5+05:30', '0', NULL)",
+        "(4, '-infinity', 'infinity', '-infinity', 0.30000000000000004, '-Infinity', NULL, NULL,
+          '{\"1999-12-31 23:59:59.5+00\"}')",
+        "(5, '0001-01-01 00:00:00+00', '0001-12-31 23:59:59 BC', '0001-01-01 BC', 1.2345678901234568e17, 1.1,
+          NULL, NULL, NULL)",
+    ];
+    for (i, row) in rows.iter().enumerate() {
+        pg.exec(&format!("INSERT INTO edges VALUES {row}")).await;
+        let (text, message) = loop {
+            let frame = tokio::time::timeout(DEADLINE, client.ws.next()).await.expect("a change in time");
+            if let tokio_tungstenite::tungstenite::Message::Text(text) =
+                frame.expect("a frame").expect("a message")
+            {
+                let message: Value = serde_json::from_str(&text).unwrap();
+                if message[3] == "postgres_changes" {
+                    break (text.to_string(), message);
+                }
+            }
+        };
+        let id = i as i64 + 1;
+        let expected = to_jsonb(&pg, "edges", id).await;
+        assert_eq!(message[4]["data"]["record"], expected, "row {id}");
+        // Equal as JSON values is not enough for numbers: the digits must be to_jsonb's too.
+        for column in ["approx", "single"] {
+            let sql = format!("SELECT to_jsonb({column})::text FROM edges WHERE id = $1");
+            let want: String = pg.client().await.query_one(&sql, &[&id]).await.unwrap().get(0);
+            assert_eq!(raw_number(&text, column), want, "row {id}, {column}");
+        }
+    }
 }
 
 #[tokio::test]

@@ -12,14 +12,15 @@ use std::fmt::Write as _;
 pub enum ValueKind {
     /// int2, int4, int8, oid: text output is a JSON number.
     Integer,
-    /// float4, float8: a JSON number, except NaN and ±Infinity which become strings.
+    /// float4, float8: a JSON number in plain decimal notation (as `to_jsonb` prints it), except
+    /// NaN and ±Infinity which become strings.
     Float,
     /// numeric: a JSON number, except NaN and ±Infinity which become strings.
     Numeric,
     Bool,
     /// json and jsonb: the text is already JSON.
     Json,
-    /// timestamptz: ISO 8601 with `T` and a `+HH:MM` offset.
+    /// timestamptz: ISO 8601 with `T` and a `+HH:MM` offset (` BC` kept after it).
     TimestampTz,
     /// timestamp without time zone: ISO 8601 with `T`.
     Timestamp,
@@ -37,8 +38,8 @@ pub enum Scalar {
     Integer(i64),
     Number(f64),
     Bool(bool),
-    /// Microseconds since the Unix epoch, UTC.
-    Instant(i64),
+    /// Microseconds since the Unix epoch, UTC (`i128::MAX`/`MIN` for ±infinity).
+    Instant(i128),
     Text(String),
 }
 
@@ -80,6 +81,7 @@ impl ValueKind {
             ValueKind::Integer => out.push_str(text),
             ValueKind::Float | ValueKind::Numeric => match text {
                 "NaN" | "Infinity" | "-Infinity" => write_json_string(text, out),
+                _ if *self == ValueKind::Float => write_float(text, out),
                 _ => out.push_str(text),
             },
             // Output functions print `t`; a `::text` cast (trigger capture) prints `true`.
@@ -149,42 +151,99 @@ pub fn write_json_string(s: &str, out: &mut String) {
     out.push('"');
 }
 
-/// `2024-01-02 03:04:05.5+05:30` -> `"2024-01-02T03:04:05.5+05:30"`, `+00` -> `+00:00`,
-/// as `to_jsonb` does. Special values (`infinity`, BC dates) pass through as strings.
+/// `2024-01-02 03:04:05.5+05:30` -> `"2024-01-02T03:04:05.5+05:30"`, `+00` -> `+00:00`, and
+/// `4713-01-01 00:00:00+00 BC` -> `"4713-01-01T00:00:00+00:00 BC"`, as `to_jsonb` does.
+/// `infinity` and `-infinity` pass through as strings.
 fn write_iso_timestamp(text: &str, with_zone: bool, out: &mut String) {
-    let Some(space) = text.find(' ') else {
+    let (core, era) = match text.strip_suffix(" BC") {
+        Some(core) => (core, " BC"),
+        None => (text, ""),
+    };
+    let Some(space) = core.find(' ') else {
         write_json_string(text, out);
         return;
     };
-    if text.ends_with(" BC") {
-        write_json_string(text, out);
-        return;
-    }
     out.push('"');
-    out.push_str(&text[..space]);
+    out.push_str(&core[..space]);
     out.push('T');
-    let rest = &text[space + 1..];
+    let rest = &core[space + 1..];
+    out.push_str(rest);
     if with_zone {
         // The zone is the last `+` or `-` after the time; PostgreSQL prints `+HH`, `+HH:MM` or
         // `+HH:MM:SS`. to_jsonb always prints at least `+HH:MM`.
-        match rest.rfind(['+', '-']) {
-            Some(z) if rest.len() - z == 3 => {
-                out.push_str(rest);
-                out.push_str(":00");
-            }
-            _ => out.push_str(rest),
+        if matches!(rest.rfind(['+', '-']), Some(z) if rest.len() - z == 3) {
+            out.push_str(":00");
         }
-    } else {
-        out.push_str(rest);
     }
+    out.push_str(era);
     out.push('"');
 }
 
-/// Parses `YYYY-MM-DD[ T]HH:MM[:SS[.ffffff]][Z|±HH[:MM[:SS]]]` (or a bare date) into
-/// microseconds since the Unix epoch. Without a zone the time is taken as UTC, which is what the
-/// replication session's `TimeZone=UTC` makes PostgreSQL print anyway.
-pub fn parse_timestamp(text: &str) -> Option<i64> {
+/// A float's text output as `to_jsonb` renders it: to_jsonb goes through `numeric`, so the
+/// shortest digits PostgreSQL prints are written in plain decimal notation (`1e+300` becomes a 1
+/// and 300 zeros, `1.5e-07` becomes `0.00000015`) and `-0` becomes `0`.
+fn write_float(text: &str, out: &mut String) {
+    if text == "-0" {
+        out.push('0');
+        return;
+    }
+    let Some((mantissa, exponent)) = text.split_once(['e', 'E']) else {
+        out.push_str(text);
+        return;
+    };
+    let Ok(exponent) = exponent.parse::<i64>() else {
+        // Not PostgreSQL float output; keep it valid JSON.
+        write_json_string(text, out);
+        return;
+    };
+    let (sign, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => ("-", m),
+        None => ("", mantissa),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits: String = whole.chars().chain(fraction.chars()).collect();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        write_json_string(text, out);
+        return;
+    }
+    // Where the decimal point falls in `digits` once the exponent is applied.
+    let point = whole.len() as i64 + exponent;
+    out.push_str(sign);
+    if point <= 0 {
+        out.push_str("0.");
+        out.extend(std::iter::repeat_n('0', point.unsigned_abs() as usize));
+        out.push_str(digits.trim_end_matches('0'));
+    } else if point as usize >= digits.len() {
+        out.push_str(&digits);
+        out.extend(std::iter::repeat_n('0', point as usize - digits.len()));
+    } else {
+        let (int_part, frac_part) = digits.split_at(point as usize);
+        out.push_str(int_part);
+        let frac_part = frac_part.trim_end_matches('0');
+        if !frac_part.is_empty() {
+            out.push('.');
+            out.push_str(frac_part);
+        }
+    }
+}
+
+/// Parses `YYYY-MM-DD[ T]HH:MM[:SS[.ffffff]][Z|±HH[:MM[:SS]]][ BC]` (or a bare date) into
+/// microseconds since the Unix epoch; `infinity` and `-infinity` sort after and before every
+/// time. Without a zone the time is taken as UTC, which is what the replication session's
+/// `TimeZone=UTC` makes PostgreSQL print anyway. Wide (`i128`): PostgreSQL's range ends in year
+/// 294276, whose microseconds since 1970 do not fit an `i64`. Text that is not a time, or a year
+/// far outside PostgreSQL's range (a filter operand), is `None`, never an overflow.
+pub fn parse_timestamp(text: &str) -> Option<i128> {
     let t = text.trim();
+    match t {
+        "infinity" => return Some(i128::MAX),
+        "-infinity" => return Some(i128::MIN),
+        _ => {}
+    }
+    let (t, bc) = match t.strip_suffix(" BC") {
+        Some(rest) => (rest, true),
+        None => (t, false),
+    };
     let (date, rest) = match t.find([' ', 'T']) {
         Some(i) => (&t[..i], &t[i + 1..]),
         None => (t, ""),
@@ -193,31 +252,41 @@ pub fn parse_timestamp(text: &str) -> Option<i64> {
     let year: i64 = parts.next()?.parse().ok()?;
     let month: u32 = parts.next()?.parse().ok()?;
     let day: u32 = parts.next()?.parse().ok()?;
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+    if !(0..=MAX_YEAR).contains(&year) || !(1..=12).contains(&month) || !(1..=31).contains(&day) {
         return None;
     }
-    let days = days_from_civil(year, month, day);
+    // 1 BC is year 0 of the proleptic Gregorian calendar, 2 BC is -1.
+    let year = if bc { 1 - year } else { year };
+    let days = i128::from(days_from_civil(year, month, day));
     let (time, offset_secs) = split_zone(rest)?;
-    let mut micros: i64 = 0;
+    let mut micros: i128 = 0;
     if !time.is_empty() {
         let mut hms = time.splitn(3, ':');
-        let h: i64 = hms.next()?.parse().ok()?;
-        let m: i64 = hms.next()?.parse().ok()?;
+        let h: i128 = hms.next()?.parse().ok()?;
+        let m: i128 = hms.next()?.parse().ok()?;
         let (s, frac) = match hms.next() {
             Some(sec) => match sec.split_once('.') {
-                Some((s, f)) => (s.parse::<i64>().ok()?, f),
-                None => (sec.parse::<i64>().ok()?, ""),
+                Some((s, f)) => (s.parse::<i128>().ok()?, f),
+                None => (sec.parse::<i128>().ok()?, ""),
             },
             None => (0, ""),
         };
-        if h > 24 || m > 59 || s > 60 || frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        if !(0..=24).contains(&h)
+            || !(0..=59).contains(&m)
+            || !(0..=60).contains(&s)
+            || frac.len() > 6
+            || !frac.bytes().all(|b| b.is_ascii_digit())
+        {
             return None;
         }
-        let frac_micros: i64 = if frac.is_empty() { 0 } else { format!("{frac:0<6}").parse().ok()? };
+        let frac_micros: i128 = if frac.is_empty() { 0 } else { format!("{frac:0<6}").parse().ok()? };
         micros = ((h * 60 + m) * 60 + s) * 1_000_000 + frac_micros;
     }
-    Some(days * 86_400_000_000 + micros - offset_secs * 1_000_000)
+    Some(days * 86_400_000_000 + micros - i128::from(offset_secs) * 1_000_000)
 }
+
+/// Far past PostgreSQL's own range (294276 AD, 4713 BC): a guard against absurd operands only.
+const MAX_YEAR: i64 = 10_000_000;
 
 /// Splits `HH:MM:SS.f+05:30` into the time and the zone offset in seconds.
 fn split_zone(rest: &str) -> Option<(&str, i64)> {
@@ -230,6 +299,9 @@ fn split_zone(rest: &str) -> Option<(&str, i64)> {
     let h: i64 = fields.next()?.parse().ok()?;
     let m: i64 = fields.next().map(str::parse).transpose().ok()?.unwrap_or(0);
     let s: i64 = fields.next().map(str::parse).transpose().ok()?.unwrap_or(0);
+    if !(0..=99).contains(&h) || !(0..=59).contains(&m) || !(0..=59).contains(&s) {
+        return None;
+    }
     Some((&rest[..z], sign * (h * 3600 + m * 60 + s)))
 }
 
@@ -359,6 +431,33 @@ mod tests {
     }
 
     #[test]
+    fn bc_and_far_future_timestamps_render_like_to_jsonb() {
+        // Each expected string is what PostgreSQL 15's to_jsonb printed for the value.
+        let tz = ValueKind::TimestampTz;
+        assert_eq!(json(&tz, "4713-01-01 00:00:00+00 BC"), "\"4713-01-01T00:00:00+00:00 BC\"");
+        assert_eq!(json(&tz, "4713-01-01 05:53:28+05:53:28 BC"), "\"4713-01-01T05:53:28+05:53:28 BC\"");
+        assert_eq!(json(&tz, "294276-12-31 23:59:59.999999+00"), "\"294276-12-31T23:59:59.999999+00:00\"");
+        assert_eq!(json(&tz, "-infinity"), "\"-infinity\"");
+        let local = ValueKind::Timestamp;
+        assert_eq!(json(&local, "0044-03-15 12:00:00 BC"), "\"0044-03-15T12:00:00 BC\"");
+        assert_eq!(json(&local, "294276-12-31 23:59:59.999999"), "\"294276-12-31T23:59:59.999999\"");
+    }
+
+    #[test]
+    fn floats_render_in_plain_decimal_like_to_jsonb() {
+        let float = ValueKind::Float;
+        assert_eq!(json(&float, "1.5e-07"), "0.00000015");
+        assert_eq!(json(&float, "1.2345678901234568e+17"), "123456789012345680");
+        assert_eq!(json(&float, "1e+300"), format!("1{}", "0".repeat(300)));
+        assert_eq!(json(&float, "-2.5e-05"), "-0.000025");
+        assert_eq!(json(&float, "-0"), "0");
+        assert_eq!(json(&float, "0.30000000000000004"), "0.30000000000000004");
+        assert_eq!(json(&float, "3.4e+38"), format!("34{}", "0".repeat(37)));
+        // Numeric output is already plain decimal and is kept digit for digit.
+        assert_eq!(json(&ValueKind::Numeric, "0.00000000000000000001"), "0.00000000000000000001");
+    }
+
+    #[test]
     fn arrays_render_nested_with_nulls_and_quotes() {
         let ints = ValueKind::Array(Box::new(ValueKind::Integer));
         assert_eq!(json(&ints, "{1,2,NULL}"), "[1,2,null]");
@@ -380,6 +479,22 @@ mod tests {
         assert_eq!(parse_timestamp("1970-01-01"), Some(0));
         assert_eq!(parse_timestamp("1970-01-01 00:00:01.5"), Some(1_500_000));
         assert_eq!(parse_timestamp("not a time"), None);
+    }
+
+    #[test]
+    fn edge_timestamps_parse_in_order_without_overflow() {
+        let bc = parse_timestamp("4713-01-01 00:00:00+00 BC").unwrap();
+        let ad = parse_timestamp("0001-01-01 00:00:00+00").unwrap();
+        let one_bc = parse_timestamp("0001-12-31 23:59:59+00 BC").unwrap();
+        assert!(bc < one_bc && one_bc < ad);
+        assert_eq!(ad - one_bc, 1_000_000, "1 BC is followed directly by 1 AD");
+        let top = parse_timestamp("294276-12-31 23:59:59.999999+00").unwrap();
+        assert!(top > i128::from(i64::MAX), "past an i64 of microseconds since 1970");
+        assert!(parse_timestamp("infinity").unwrap() > top);
+        assert!(parse_timestamp("-infinity").unwrap() < bc);
+        assert_eq!(parse_timestamp("99999999999999-01-01"), None);
+        assert_eq!(parse_timestamp("2024-01-01 99999999999:00"), None);
+        assert_eq!(parse_timestamp("2024-01-01 10:00+99999999999"), None);
     }
 
     #[test]
