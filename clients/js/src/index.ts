@@ -43,7 +43,8 @@ export type WebSocketLike = new (url: string) => {
 };
 
 export interface ChangeFilter {
-  event: 'INSERT' | 'UPDATE' | 'DELETE' | '*';
+  /** `*` is INSERT, UPDATE and DELETE; truncations come only to a `TRUNCATE` binding. */
+  event: 'INSERT' | 'UPDATE' | 'DELETE' | '*' | 'TRUNCATE';
   schema?: string;
   table: string;
   filter?: string;

@@ -23,3 +23,4 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod text;

@@ -203,8 +203,8 @@ async fn wide_rows_and_unchanged_toast_values() {
 }
 
 #[tokio::test]
-async fn delete_and_truncate_with_each_replica_identity() {
-    if replication_only("delete_and_truncate_with_each_replica_identity") {
+async fn delete_with_each_replica_identity() {
+    if replication_only("delete_with_each_replica_identity") {
         return;
     }
     let (pg, _server, mut client) = setup("delete").await;
@@ -226,10 +226,35 @@ async fn delete_and_truncate_with_each_replica_identity() {
     pg.exec("UPDATE notes SET id = 6 WHERE id = 5").await;
     let moved = one_change(&mut client).await;
     assert_eq!((moved["old_record"].clone(), moved["record"]["id"].clone()), (json!({"id": 5}), json!(6)));
+}
 
-    pg.exec("TRUNCATE notes").await;
-    let truncate = one_change(&mut client).await;
-    assert_eq!((truncate["type"].as_str(), truncate["table"].as_str()), (Some("TRUNCATE"), Some("notes")));
+#[tokio::test]
+async fn truncate_reaches_only_bindings_that_ask_for_it() {
+    let (pg, _server, mut client) = setup("truncate").await;
+    // TRUNCATE reaches only a binding that asks for it: Supabase never sends it to `*`.
+    let reply = client.join("realtime:truncations", json!([binding("TRUNCATE", "notes", None)]), None).await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let reply =
+        client.join("realtime:bad", json!([binding("TRUNCATE", "notes", Some("id=eq.1"))]), None).await;
+    assert_eq!(
+        reply["response"]["reason"],
+        "a TRUNCATE binding takes no filter: a truncation has no row to test"
+    );
+    pg.exec("TRUNCATE notes; INSERT INTO notes VALUES (7, 't', 'b')").await;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let message = client.expect("a change", |v| v["event"] == "postgres_changes").await;
+        let data = &message["payload"]["data"];
+        seen.push((message["topic"].clone(), data["type"].clone(), data["table"].clone()));
+    }
+    assert_eq!(
+        seen,
+        [
+            (json!("realtime:truncations"), json!("TRUNCATE"), json!("notes")),
+            (json!("realtime:all"), json!("INSERT"), json!("notes")),
+        ],
+        "the `*` binding got the insert after the truncation, and not the truncation"
+    );
 }
 
 #[tokio::test]

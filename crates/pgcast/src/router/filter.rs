@@ -9,7 +9,10 @@ use crate::capture::catalog::PublishedTable;
 use crate::capture::value::{Scalar, ValueKind};
 use crate::capture::{ChangeKind, Relation, Row};
 
-/// Which change kinds a subscription wants (`event` in the join config).
+/// Which change kinds a subscription wants (`event` in the join config). `*` means the row
+/// events (INSERT, UPDATE, DELETE), as in Supabase, which never sends `TRUNCATE`: a client gets
+/// truncations only from a binding with `event: "TRUNCATE"` (strict clients such as the Python
+/// `realtime` package reject a message type they do not know).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventFilter {
     All,
@@ -23,13 +26,17 @@ impl EventFilter {
             "INSERT" => Ok(EventFilter::Only(ChangeKind::Insert)),
             "UPDATE" => Ok(EventFilter::Only(ChangeKind::Update)),
             "DELETE" => Ok(EventFilter::Only(ChangeKind::Delete)),
-            other => Err(format!("unknown event {other:?}: expected INSERT, UPDATE, DELETE or *")),
+            "TRUNCATE" => Ok(EventFilter::Only(ChangeKind::Truncate)),
+            other => Err(format!(
+                "unknown event {:?}: expected INSERT, UPDATE, DELETE, * or TRUNCATE",
+                crate::text::clip(other, 64)
+            )),
         }
     }
 
     pub fn accepts(self, kind: ChangeKind) -> bool {
         match self {
-            EventFilter::All => true,
+            EventFilter::All => kind != ChangeKind::Truncate,
             EventFilter::Only(k) => k == kind,
         }
     }

@@ -49,7 +49,7 @@ impl Subscription {
     /// What this subscription receives of `change` (its table already matched by the index).
     pub fn visibility(&self, change: &Change) -> Visibility {
         let event_ok = match change.kind {
-            ChangeKind::Truncate => self.events == EventFilter::All,
+            ChangeKind::Truncate => self.events.accepts(ChangeKind::Truncate),
             // A row leaving the view arrives as a DELETE, so UPDATE and DELETE bindings qualify.
             ChangeKind::Update => {
                 self.events.accepts(ChangeKind::Update) || self.events.accepts(ChangeKind::Delete)
@@ -76,8 +76,8 @@ impl Subscription {
             return Visibility::Hidden;
         }
         if change.kind == ChangeKind::Truncate {
-            // A truncation has no row to test a filter against: only unfiltered `*` bindings
-            // receive it.
+            // A truncation has no row to test a filter against (and a TRUNCATE binding with a
+            // filter is refused at join).
             return if self.filter.is_none() { Visibility::Visible(None) } else { Visibility::Hidden };
         }
         let passes = match (&self.filter, filter_row(change)) {

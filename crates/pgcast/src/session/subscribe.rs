@@ -54,6 +54,9 @@ async fn parse_binding(
     let schema = field("schema").unwrap_or("public").to_string();
     let table = field("table").filter(|t| !t.is_empty() && *t != "*").map(str::to_string);
     let filter_text = field("filter").filter(|f| !f.is_empty());
+    if events == EventFilter::Only(crate::capture::ChangeKind::Truncate) && filter_text.is_some() {
+        return Err("a TRUNCATE binding takes no filter: a truncation has no row to test".into());
+    }
     let catalog = &state.catalog;
     let filter = match &table {
         Some(name) => {
