@@ -296,6 +296,28 @@ async fn access_token_refresh_extends_the_channel_and_a_bad_one_closes_it() {
 }
 
 #[tokio::test]
+async fn a_client_close_frame_is_answered_with_a_close_frame() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    use tokio_tungstenite::tungstenite::Message;
+    let (_pg, server) = setup("close").await;
+    let mut client = Client::connect(server.addr, Some(&service()), true).await;
+    assert_eq!(client.join("realtime:c", json!([binding("*", "appointments", None)]), None).await["status"], "ok");
+    let bye = CloseFrame { code: CloseCode::Normal, reason: "bye".into() };
+    client.ws.send(Message::Close(Some(bye))).await.expect("send close");
+    // RFC 6455 5.5.1: the server answers with a Close frame before it drops the connection; an
+    // official client that gets none reports 1006 and channel errors on a normal close().
+    loop {
+        match tokio::time::timeout(DEADLINE, client.ws.next()).await.expect("an answer in time") {
+            Some(Ok(Message::Text(_))) => continue, // sent before the close crossed
+            Some(Ok(Message::Close(Some(frame)))) => break assert_eq!(frame.code, CloseCode::Normal),
+            other => panic!("expected a Close frame, got {other:?}"),
+        }
+    }
+    assert!(matches!(client.ws.next().await, None | Some(Err(_))), "then the connection ends");
+}
+
+#[tokio::test]
 async fn oversized_frames_close_the_connection_with_a_reason() {
     let (_pg, server) = setup("oversize").await;
     let mut client = Client::connect(server.addr, Some(&service()), true).await;

@@ -213,7 +213,11 @@ pub struct Session {
 
 /// Why the session loop ended: how to close the socket, if at all.
 enum Ending {
+    /// The server closes: a Close frame with this code and reason.
     Close(u16, String),
+    /// The client sent a Close frame: the WebSocket library queued the reply (RFC 6455 5.5.1),
+    /// which must still be flushed, or the client sees the connection drop (1006).
+    ClosedByClient,
     Gone,
 }
 
@@ -263,10 +267,17 @@ impl Session {
         if let Some(user) = self.counted_user.take() {
             self.state.user_disconnected(&user);
         }
-        if let Ending::Close(code, reason) = &ending {
-            tracing::info!(session = self.handle.id, code, reason = %reason, "closing client");
-            let frame = CloseFrame { code: *code, reason: reason.as_str().into() };
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.send(Message::Close(Some(frame)))).await;
+        match &ending {
+            Ending::Close(code, reason) => {
+                tracing::info!(session = self.handle.id, code, reason = %reason, "closing client");
+                let frame = CloseFrame { code: *code, reason: reason.as_str().into() };
+                let _ =
+                    tokio::time::timeout(CLOSE_TIMEOUT, self.socket.send(Message::Close(Some(frame)))).await;
+            }
+            Ending::ClosedByClient => {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.flush()).await;
+            }
+            Ending::Gone => {}
         }
         tracing::info!(session = self.handle.id, "client disconnected");
         metrics::gauge!("pgcast_connections").decrement(1.0);
@@ -336,7 +347,8 @@ impl Session {
                                 return Ending::Gone;
                             }
                         }
-                        Some(Ok(Message::Close(_))) | None => return Ending::Gone,
+                        Some(Ok(Message::Close(_))) => return Ending::ClosedByClient,
+                        None => return Ending::Gone,
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                         Some(Err(e)) => {
                             let error = e.into_inner();
