@@ -37,6 +37,14 @@ pub enum BroadcastPayload {
 /// Recent broadcasts kept per topic for resuming members.
 const RECENT_PER_TOPIC: usize = 1000;
 
+/// Bytes of broadcast history kept in memory (`broadcast_history_max_bytes`,
+/// `broadcast_history_topic_max_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryBudget {
+    pub max_bytes: usize,
+    pub topic_max_bytes: usize,
+}
+
 #[derive(Debug, Clone)]
 struct Recent {
     seq: u64,

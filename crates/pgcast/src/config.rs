@@ -25,6 +25,13 @@ pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 100;
 pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 50;
 pub const DEFAULT_HISTORY_MAX_CHANGES: usize = 10_000;
 pub const DEFAULT_HISTORY_MAX_AGE_SECS: u64 = 600;
+pub const DEFAULT_JWT_NBF_LEEWAY_SECS: u64 = 5;
+pub const DEFAULT_AUTH_TIMEOUT_SECS: u64 = 10;
+pub const DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS: usize = 1000;
+pub const DEFAULT_HTTP_HEADER_TIMEOUT_SECS: u64 = 10;
+pub const DEFAULT_MAX_PENDING_CONNECTIONS: usize = 1000;
+pub const DEFAULT_BROADCAST_HISTORY_MAX_BYTES: usize = 64 * 1024 * 1024;
+pub const DEFAULT_BROADCAST_HISTORY_TOPIC_MAX_BYTES: usize = 1024 * 1024;
 const MIN_JWT_SECRET_LEN: usize = 16;
 
 /// A configuration value that is missing or wrong; the message names the key and how to fix it.
@@ -82,6 +89,13 @@ struct FileConfig {
     max_connections_per_user: Option<usize>,
     history_max_changes: Option<usize>,
     history_max_age_secs: Option<u64>,
+    jwt_nbf_leeway_secs: Option<u64>,
+    auth_timeout_secs: Option<u64>,
+    max_unauthenticated_connections: Option<usize>,
+    http_header_timeout_secs: Option<u64>,
+    max_pending_connections: Option<usize>,
+    broadcast_history_max_bytes: Option<usize>,
+    broadcast_history_topic_max_bytes: Option<usize>,
 }
 
 /// Validated configuration for one server.
@@ -116,6 +130,25 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// How much history resuming clients can be served from (and how much WAL is kept for it).
     pub retention: crate::log::Retention,
+    /// Seconds a token's `nbf` may lie in the future and still be accepted (clock skew).
+    pub jwt_nbf_leeway_secs: u64,
+    /// A WebSocket that has presented no valid token (no valid `apikey`, no successful join) is
+    /// closed after this long.
+    pub auth_timeout: Duration,
+    /// WebSocket connections without a valid token at once; more are refused at the upgrade.
+    pub max_unauthenticated_connections: usize,
+    /// Time a client has to send a complete request head (the upgrade included) after it
+    /// connects or after its previous request; then the connection is closed.
+    pub http_header_timeout: Duration,
+    /// Connections that have not yet sent a complete request head; more are closed at accept.
+    pub max_pending_connections: usize,
+    /// Bytes of broadcast payloads kept for resuming members, over all topics and per topic;
+    /// the oldest are evicted first.
+    pub broadcast_history: crate::broadcast::HistoryBudget,
+    /// Test-only fault injection: a session that joins this topic panics (see
+    /// `tests/session_panics.rs`). Not settable from the file, environment or flags.
+    #[doc(hidden)]
+    pub panic_on_join_topic: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -135,6 +168,12 @@ impl std::fmt::Debug for Config {
             .field("max_channels_per_connection", &self.max_channels_per_connection)
             .field("max_connections_per_user", &self.max_connections_per_user)
             .field("retention", &self.retention)
+            .field("jwt_nbf_leeway_secs", &self.jwt_nbf_leeway_secs)
+            .field("auth_timeout", &self.auth_timeout)
+            .field("max_unauthenticated_connections", &self.max_unauthenticated_connections)
+            .field("http_header_timeout", &self.http_header_timeout)
+            .field("max_pending_connections", &self.max_pending_connections)
+            .field("broadcast_history", &self.broadcast_history)
             .finish_non_exhaustive()
     }
 }
@@ -259,6 +298,55 @@ impl Config {
                 message: "must be between 1 and 604800 (a week)".into(),
             });
         }
+        let jwt_nbf_leeway_secs = from_file.jwt_nbf_leeway_secs.unwrap_or(DEFAULT_JWT_NBF_LEEWAY_SECS);
+        if jwt_nbf_leeway_secs > 300 {
+            return Err(ConfigError::Invalid {
+                key: "jwt_nbf_leeway_secs",
+                message: "must be between 0 and 300 seconds".into(),
+            });
+        }
+        let auth_timeout_secs = from_file.auth_timeout_secs.unwrap_or(DEFAULT_AUTH_TIMEOUT_SECS);
+        if !(1..=3600).contains(&auth_timeout_secs) {
+            return Err(ConfigError::Invalid {
+                key: "auth_timeout_secs",
+                message: "must be between 1 and 3600 seconds".into(),
+            });
+        }
+        let http_header_timeout_secs =
+            from_file.http_header_timeout_secs.unwrap_or(DEFAULT_HTTP_HEADER_TIMEOUT_SECS);
+        if !(1..=300).contains(&http_header_timeout_secs) {
+            return Err(ConfigError::Invalid {
+                key: "http_header_timeout_secs",
+                message: "must be between 1 and 300 seconds".into(),
+            });
+        }
+        let max_unauthenticated_connections =
+            from_file.max_unauthenticated_connections.unwrap_or(DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS);
+        let max_pending_connections =
+            from_file.max_pending_connections.unwrap_or(DEFAULT_MAX_PENDING_CONNECTIONS);
+        for (key, value) in [
+            ("max_unauthenticated_connections", max_unauthenticated_connections),
+            ("max_pending_connections", max_pending_connections),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid { key, message: "must be at least 1".into() });
+            }
+        }
+        let broadcast_history = crate::broadcast::HistoryBudget {
+            max_bytes: from_file.broadcast_history_max_bytes.unwrap_or(DEFAULT_BROADCAST_HISTORY_MAX_BYTES),
+            topic_max_bytes: from_file
+                .broadcast_history_topic_max_bytes
+                .unwrap_or(DEFAULT_BROADCAST_HISTORY_TOPIC_MAX_BYTES),
+        };
+        if broadcast_history.topic_max_bytes > broadcast_history.max_bytes {
+            return Err(ConfigError::Invalid {
+                key: "broadcast_history_topic_max_bytes",
+                message: format!(
+                    "must not exceed broadcast_history_max_bytes ({})",
+                    broadcast_history.max_bytes
+                ),
+            });
+        }
         Ok(Config {
             database_url,
             listen,
@@ -279,6 +367,13 @@ impl Config {
                 max_changes: history_max_changes,
                 max_age: Duration::from_secs(history_max_age_secs),
             },
+            jwt_nbf_leeway_secs,
+            auth_timeout: Duration::from_secs(auth_timeout_secs),
+            max_unauthenticated_connections,
+            http_header_timeout: Duration::from_secs(http_header_timeout_secs),
+            max_pending_connections,
+            broadcast_history,
+            panic_on_join_topic: None,
         })
     }
 }
@@ -330,6 +425,33 @@ mod tests {
         std::fs::write(&path, "write_coalesce_ms = 101\n").unwrap();
         let err = Config::load(Some(&path), overrides()).unwrap_err().to_string();
         assert!(err.starts_with("invalid write_coalesce_ms"), "{err}");
+    }
+
+    #[test]
+    fn hardening_limits_have_defaults_and_bounds() {
+        let config = Config::load(None, overrides()).unwrap();
+        assert_eq!(config.jwt_nbf_leeway_secs, 5);
+        assert_eq!(config.auth_timeout, Duration::from_secs(10));
+        assert_eq!(config.http_header_timeout, Duration::from_secs(10));
+        assert_eq!(config.broadcast_history.max_bytes, 64 * 1024 * 1024);
+        let dir = std::env::temp_dir().join(format!("pgcast-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pgcast.toml");
+        for (text, key) in [
+            ("jwt_nbf_leeway_secs = 301\n", "jwt_nbf_leeway_secs"),
+            ("auth_timeout_secs = 0\n", "auth_timeout_secs"),
+            ("http_header_timeout_secs = 0\n", "http_header_timeout_secs"),
+            ("max_pending_connections = 0\n", "max_pending_connections"),
+            ("max_unauthenticated_connections = 0\n", "max_unauthenticated_connections"),
+            (
+                "broadcast_history_max_bytes = 10\nbroadcast_history_topic_max_bytes = 11\n",
+                "broadcast_history_topic_max_bytes",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load(Some(&path), overrides()).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("invalid {key}")), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -261,7 +261,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let index = Arc::new(RwLock::new(Index::default()));
     let status = Arc::new(ReplicationStatus::default());
     let state = Arc::new(AppState {
-        verifier: Verifier::new(&config.jwt_secret),
+        verifier: Verifier::new(&config.jwt_secret, config.jwt_nbf_leeway_secs),
         db: db.clone(),
         catalog: catalog.clone(),
         index: index.clone(),

@@ -302,7 +302,10 @@ async fn a_client_close_frame_is_answered_with_a_close_frame() {
     use tokio_tungstenite::tungstenite::Message;
     let (_pg, server) = setup("close").await;
     let mut client = Client::connect(server.addr, Some(&service()), true).await;
-    assert_eq!(client.join("realtime:c", json!([binding("*", "appointments", None)]), None).await["status"], "ok");
+    assert_eq!(
+        client.join("realtime:c", json!([binding("*", "appointments", None)]), None).await["status"],
+        "ok"
+    );
     let bye = CloseFrame { code: CloseCode::Normal, reason: "bye".into() };
     client.ws.send(Message::Close(Some(bye))).await.expect("send close");
     // RFC 6455 5.5.1: the server answers with a Close frame before it drops the connection; an

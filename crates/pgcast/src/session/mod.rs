@@ -596,7 +596,7 @@ impl Session {
                 return self.refuse_join(&frame, &claims, reason).await;
             }
         };
-        let expires_at = Instant::now() + Duration::from_secs(claims.seconds_left());
+        let expires_at = claims.expires_at();
         tracing::info!(
             session = self.handle.id,
             topic = %frame.topic,
@@ -836,7 +836,7 @@ impl Session {
         self.state.index_remove(&channel.subscriptions);
         self.state.index_insert(&subscriptions);
         channel.subscriptions = subscriptions;
-        channel.expires_at = Instant::now() + Duration::from_secs(claims.seconds_left());
+        channel.expires_at = claims.expires_at();
         channel.identity = claims.identity();
         channel.access = access;
         let receive_own = self.state.hub.receives_own(&frame.topic, self.handle.id);
