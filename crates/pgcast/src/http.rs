@@ -68,7 +68,8 @@ async fn websocket(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            Session::new(socket, state, peer, vsn, apikey).run().await;
+            let session = Session::new(socket, state, peer, vsn, apikey);
+            crate::session::supervise::run(session.id(), session.run()).await;
             drop(guard);
         })
 }

@@ -35,6 +35,7 @@ use crate::server::AppState;
 mod messages;
 mod queue;
 mod subscribe;
+pub mod supervise;
 
 use queue::{PushError, Queue};
 
@@ -239,12 +240,17 @@ impl Session {
         });
         let rate = NonZeroU32::new(state.config.max_messages_per_second).unwrap_or(NonZeroU32::MIN);
         let limiter = RateLimiter::direct(Quota::per_second(rate));
+        // Counted here and uncounted in `Drop`: exactly once, however the session ends.
+        metrics::gauge!("pgcast_connections").increment(1.0);
         Session { handle, state, socket, peer, apikey, channels: HashMap::new(), limiter, counted_user: None }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.handle.id
     }
 
     /// Runs the connection until the client leaves, is cut off, or the server shuts down.
     pub async fn run(mut self) {
-        metrics::gauge!("pgcast_connections").increment(1.0);
         tracing::info!(session = self.handle.id, peer = %self.peer, "client connected");
         {
             // Scoped: the claims must not live on in this connection's task.
@@ -262,11 +268,9 @@ impl Session {
             _ = shutdown.wait() => Ending::Close(close_code::GOING_AWAY, "server shutting down".into()),
             ending = self.serve() => ending,
         };
-        handle.queue.close();
-        self.leave_all();
-        if let Some(user) = self.counted_user.take() {
-            self.state.user_disconnected(&user);
-        }
+        // Released before the close frame, so other members see this one leave at once; `Drop`
+        // releases again (a no-op then) for a session that ends by panicking.
+        self.release();
         match &ending {
             Ending::Close(code, reason) => {
                 tracing::info!(session = self.handle.id, code, reason = %reason, "closing client");
@@ -280,7 +284,16 @@ impl Session {
             Ending::Gone => {}
         }
         tracing::info!(session = self.handle.id, "client disconnected");
-        metrics::gauge!("pgcast_connections").decrement(1.0);
+    }
+
+    /// Gives back everything the session holds in shared state: queued messages, channels
+    /// (subscriptions, hub membership, presence), the per-user slot. Idempotent.
+    fn release(&mut self) {
+        self.handle.queue.close();
+        self.leave_all();
+        if let Some(user) = self.counted_user.take() {
+            self.state.user_disconnected(&user);
+        }
     }
 
     async fn serve(&mut self) -> Ending {
@@ -624,6 +637,11 @@ impl Session {
             }),
         );
         metrics::gauge!("pgcast_channels").increment(1.0);
+        if self.state.config.panic_on_join_topic.as_deref() == Some(frame.topic.as_str()) {
+            // Fault injection for tests/session_panics.rs: a panic once the join holds
+            // everything a join takes (subscriptions, hub membership, the user's slot).
+            panic!("fault injection: panic_on_join_topic {:?}", frame.topic);
+        }
         self.reply(&frame, "ok", json!({ "postgres_changes": response })).await?;
         if has_changes {
             let payload = json!({
@@ -858,6 +876,15 @@ impl Session {
             self.close_channel(&topic, format!("Token has expired {ago} seconds ago")).await?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Session {
+    /// However the session ends (returned, cut off, or unwinding from a panic), what it holds is
+    /// released and it stops counting as a connection.
+    fn drop(&mut self) {
+        self.release();
+        metrics::gauge!("pgcast_connections").decrement(1.0);
     }
 }
 

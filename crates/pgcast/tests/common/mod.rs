@@ -97,8 +97,21 @@ impl Pg {
     }
 }
 
+/// Session panics a test expects (only `session_panics` expects any): every other test fails
+/// if a session of its server panicked, even though the server caught it.
+static EXPECTED_SESSION_PANICS: AtomicU32 = AtomicU32::new(0);
+
+pub fn expect_session_panics(count: u32) {
+    EXPECTED_SESSION_PANICS.store(count, Ordering::Relaxed);
+}
+
 impl Drop for Pg {
     fn drop(&mut self) {
+        let caught = pgcast::session::supervise::panics_caught();
+        let expected = u64::from(EXPECTED_SESSION_PANICS.load(Ordering::Relaxed));
+        if caught > expected && !std::thread::panicking() {
+            panic!("{caught} session(s) panicked during this test (see the `session panicked` log lines)");
+        }
         let dir = self.dir.clone();
         // Give the postmaster a moment to exit before its files go.
         std::thread::spawn(move || {
