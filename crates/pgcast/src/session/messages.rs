@@ -43,7 +43,7 @@ impl Session {
     pub(super) async fn handle_binary(&mut self, bytes: &[u8]) -> Result<(), axum::Error> {
         let push = match decode_binary_push(bytes) {
             Ok(push) => push,
-            Err(reason) => return self.send_error_notice(&format!("malformed binary frame: {reason}")).await,
+            Err(reason) => return self.malformed(&format!("malformed binary frame: {reason}")).await,
         };
         let frame = Frame {
             join_ref: push.join_ref,

@@ -53,6 +53,10 @@ pub mod close_code {
     /// The client did not read fast enough and its queue filled.
     pub const SLOW_CONSUMER: u16 = 4000;
     pub const HEARTBEAT_TIMEOUT: u16 = 4001;
+    /// The client kept sending frames that could not be read.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// The client kept sending faster than `max_messages_per_second`.
+    pub const POLICY_VIOLATION: u16 = 1008;
     /// The user already has as many connections as allowed.
     pub const TOO_MANY_CONNECTIONS: u16 = 4003;
 }
@@ -146,6 +150,10 @@ impl SessionHandle {
         Ending::Close(code, reason)
     }
 
+    fn is_kicked(&self) -> bool {
+        self.kick_reason.lock().map(|r| r.is_some()).unwrap_or(true)
+    }
+
     /// Asks the session to close with `code` and `reason` (the first reason wins).
     pub fn kick(&self, code: u16, reason: String) {
         if let Ok(mut slot) = self.kick_reason.lock() {
@@ -210,6 +218,51 @@ pub struct Session {
     limiter: DefaultDirectRateLimiter,
     /// The user this connection counts against (`max_connections_per_user`), once known.
     counted_user: Option<String>,
+    /// Frames dropped over the rate and malformed frames; allocated by the first of either, so
+    /// well-behaved connections carry no more than the pointer.
+    penalties: Option<Box<Penalties>>,
+}
+
+/// Malformed frames within `MALFORMED_WINDOW` that disconnect a client.
+const MAX_MALFORMED: u32 = 10;
+const MALFORMED_WINDOW: Duration = Duration::from_secs(60);
+/// Frames dropped over the rate within a second that disconnect a client: the rate itself
+/// (it sent twice what it may), but never fewer than this.
+const MIN_DROPS_BEFORE_CUT: u32 = 10;
+
+/// A connection's record of frames it should not have sent.
+struct Penalties {
+    /// Start of the current one-second window of dropped frames, and how many were dropped.
+    drops_since: Instant,
+    dropped: u32,
+    malformed_since: Instant,
+    malformed: u32,
+}
+
+impl Penalties {
+    fn new(now: Instant) -> Penalties {
+        Penalties { drops_since: now, dropped: 0, malformed_since: now, malformed: 0 }
+    }
+
+    /// Counts a frame dropped over the rate; `true` when it is the first of its window.
+    fn dropped_frame(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.drops_since) >= Duration::from_secs(1) {
+            self.drops_since = now;
+            self.dropped = 0;
+        }
+        self.dropped += 1;
+        self.dropped == 1
+    }
+
+    /// Counts a malformed frame; returns how many fell in the current window.
+    fn malformed_frame(&mut self, now: Instant) -> u32 {
+        if now.duration_since(self.malformed_since) >= MALFORMED_WINDOW {
+            self.malformed_since = now;
+            self.malformed = 0;
+        }
+        self.malformed += 1;
+        self.malformed
+    }
 }
 
 /// Why the session loop ended: how to close the socket, if at all.
@@ -242,7 +295,17 @@ impl Session {
         let limiter = RateLimiter::direct(Quota::per_second(rate));
         // Counted here and uncounted in `Drop`: exactly once, however the session ends.
         metrics::gauge!("pgcast_connections").increment(1.0);
-        Session { handle, state, socket, peer, apikey, channels: HashMap::new(), limiter, counted_user: None }
+        Session {
+            handle,
+            state,
+            socket,
+            peer,
+            apikey,
+            channels: HashMap::new(),
+            limiter,
+            counted_user: None,
+            penalties: None,
+        }
     }
 
     pub fn id(&self) -> u64 {
@@ -275,8 +338,21 @@ impl Session {
             Ending::Close(code, reason) => {
                 tracing::info!(session = self.handle.id, code, reason = %reason, "closing client");
                 let frame = CloseFrame { code: *code, reason: reason.as_str().into() };
-                let _ =
-                    tokio::time::timeout(CLOSE_TIMEOUT, self.socket.send(Message::Close(Some(frame)))).await;
+                let socket = &mut self.socket;
+                let close = async move {
+                    socket.send(Message::Close(Some(frame))).await?;
+                    // RFC 6455 7.1.1: wait for the client's Close, discarding what it sent
+                    // before it. Closing a socket with unread bytes makes the kernel reset the
+                    // connection, and the reset can destroy the close frame (with its reason)
+                    // before the client reads it; a flooding client always has unread bytes.
+                    while let Some(Ok(message)) = socket.recv().await {
+                        if matches!(message, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                    Ok::<(), axum::Error>(())
+                };
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
             }
             Ending::ClosedByClient => {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.flush()).await;
@@ -341,28 +417,20 @@ impl Session {
                 incoming = self.socket.recv() => {
                     heartbeat_deadline = Instant::now() + heartbeat_timeout;
                     match incoming {
-                        Some(Ok(Message::Text(text))) => {
+                        Some(Ok(Message::Close(_))) => return Ending::ClosedByClient,
+                        None => return Ending::Gone,
+                        Some(Ok(message)) => {
                             // Boxed, like the other client-frame handlers: their state
                             // machines are large and would otherwise sit in every idle
                             // connection's task.
-                            if Box::pin(self.handle_text(text.as_str())).await.is_err() {
+                            if Box::pin(self.handle_frame(message)).await.is_err() {
                                 return Ending::Gone;
                             }
-                        }
-                        Some(Ok(Message::Binary(bytes))) => {
-                            let outcome = if self.limiter.check().is_err() {
-                                metrics::counter!("pgcast_rate_limited_total").increment(1);
-                                Box::pin(self.send_error_notice("rate limit exceeded: binary frame dropped")).await
-                            } else {
-                                Box::pin(self.handle_binary(&bytes)).await
-                            };
-                            if outcome.is_err() {
-                                return Ending::Gone;
+                            // Cut off for what it sent: close now, not after what is buffered.
+                            if handle.is_kicked() {
+                                return handle.kicked();
                             }
                         }
-                        Some(Ok(Message::Close(_))) => return Ending::ClosedByClient,
-                        None => return Ending::Gone,
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                         Some(Err(e)) => {
                             let error = e.into_inner();
                             if matches!(error.downcast_ref(), Some(tungstenite::Error::Capacity(_))) {
@@ -445,19 +513,69 @@ impl Session {
         self.send_text(text).await
     }
 
+    /// One client frame, valid or not: counted against the rate limit before any of it is
+    /// parsed, so a flood of garbage costs no more than a flood of heartbeats.
+    async fn handle_frame(&mut self, message: Message) -> Result<(), axum::Error> {
+        if self.limiter.check().is_err() {
+            return self.over_rate().await;
+        }
+        match message {
+            Message::Text(text) => self.handle_text(text.as_str()).await,
+            Message::Binary(bytes) => self.handle_binary(&bytes).await,
+            // Pings are answered by the WebSocket library; they count against the rate only.
+            _ => Ok(()),
+        }
+    }
+
+    /// A frame over `max_messages_per_second`: dropped unread. The first drop in a second
+    /// gets a `phx_error` notice; a client that sends twice its rate within a second (it is
+    /// not slowing down) is disconnected.
+    async fn over_rate(&mut self) -> Result<(), axum::Error> {
+        metrics::counter!("pgcast_rate_limited_total").increment(1);
+        let rate = self.state.config.max_messages_per_second;
+        let now = Instant::now();
+        let penalties = self.penalties.get_or_insert_with(|| Box::new(Penalties::new(now)));
+        let first_in_window = penalties.dropped_frame(now);
+        if penalties.dropped >= rate.max(MIN_DROPS_BEFORE_CUT) {
+            let reason = format!("rate limit exceeded: more than twice {rate} messages per second");
+            self.handle.kick(close_code::POLICY_VIOLATION, reason);
+            return Ok(());
+        }
+        if !first_in_window {
+            return Ok(());
+        }
+        tracing::info!(session = self.handle.id, "rate limit exceeded; frames dropped");
+        let reason = format!("rate limit exceeded: at most {rate} messages per second; frames are dropped");
+        let text = phoenix::encode(
+            self.handle.vsn,
+            None,
+            None,
+            "phoenix",
+            "phx_error",
+            &json!({ "reason": reason }),
+        );
+        self.send_text(text).await
+    }
+
+    /// A frame that could not be read: `phx_error` with the reason; a client that keeps
+    /// sending them (`MAX_MALFORMED` within `MALFORMED_WINDOW`) is disconnected.
+    async fn malformed(&mut self, reason: &str) -> Result<(), axum::Error> {
+        let now = Instant::now();
+        let penalties = self.penalties.get_or_insert_with(|| Box::new(Penalties::new(now)));
+        if penalties.malformed_frame(now) >= MAX_MALFORMED {
+            let reason =
+                format!("too many malformed frames: {MAX_MALFORMED} within {}s", MALFORMED_WINDOW.as_secs());
+            self.handle.kick(close_code::INVALID_PAYLOAD, reason);
+            return Ok(());
+        }
+        self.send_error_notice(reason).await
+    }
+
     async fn handle_text(&mut self, text: &str) -> Result<(), axum::Error> {
         let frame = match phoenix::decode(self.handle.vsn, text) {
             Ok(frame) => frame,
-            Err(e) => return self.send_error_notice(&e.to_string()).await,
+            Err(e) => return self.malformed(&e.to_string()).await,
         };
-        if self.limiter.check().is_err() {
-            metrics::counter!("pgcast_rate_limited_total").increment(1);
-            let reason = format!(
-                "rate limit exceeded: at most {} messages per second",
-                self.state.config.max_messages_per_second
-            );
-            return self.reply_error(&frame, reason).await;
-        }
         if frame.topic == "phoenix" {
             return match frame.event.as_str() {
                 "heartbeat" => self.reply(&frame, "ok", json!({})).await,
