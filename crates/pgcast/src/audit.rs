@@ -24,6 +24,17 @@ const BATCH: usize = 500;
 /// Events kept while the database is unreachable; the oldest are dropped past this.
 const BACKLOG: usize = 50_000;
 
+/// Characters kept of each client-supplied field (a joined topic is at most 255 bytes; a refused
+/// join's topic can be anything): a record and its log line stay bounded.
+const CHANNEL_CHARS: usize = 300;
+const DETAIL_CHARS: usize = 1000;
+const CLAIM_CHARS: usize = 255;
+
+/// `text` as a text column can hold it: NUL replaced, at most `max_chars` (see `text::storable`).
+fn bounded(text: &str, max_chars: usize) -> String {
+    crate::text::storable(text, max_chars).unwrap_or_else(|| text.to_string())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Connect,
@@ -84,15 +95,15 @@ impl AuditEvent {
 
     pub fn identity(mut self, identity: Option<&Identity>) -> AuditEvent {
         if let Some(identity) = identity {
-            self.user_id = identity.sub.as_deref().map(str::to_string);
-            self.role = Some(identity.role.to_string());
-            self.tenant = identity.tenant.as_deref().map(str::to_string);
+            self.user_id = identity.sub.as_deref().map(|sub| bounded(sub, CLAIM_CHARS));
+            self.role = Some(bounded(&identity.role, CLAIM_CHARS));
+            self.tenant = identity.tenant.as_deref().map(|tenant| bounded(tenant, CLAIM_CHARS));
         }
         self
     }
 
     pub fn channel(mut self, topic: &str) -> AuditEvent {
-        self.channel = Some(topic.to_string());
+        self.channel = Some(bounded(topic, CHANNEL_CHARS));
         self
     }
 
@@ -102,7 +113,7 @@ impl AuditEvent {
     }
 
     pub fn detail(mut self, detail: impl Into<String>) -> AuditEvent {
-        self.detail = Some(detail.into());
+        self.detail = Some(bounded(&detail.into(), DETAIL_CHARS));
         self
     }
 }

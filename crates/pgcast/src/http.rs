@@ -147,6 +147,9 @@ async fn broadcast(
                 format!("messages[{i}] needs string topic and event"),
             );
         };
+        if let Err(reason) = crate::session::check_topic(&format!("realtime:{topic}")) {
+            return http_error(StatusCode::BAD_REQUEST, format!("messages[{i}]: {reason}"));
+        }
         let payload = BroadcastPayload::Json(message.get("payload").cloned().unwrap_or(json!({})));
         checked.push((topic, event, payload));
     }
@@ -180,6 +183,9 @@ async fn broadcast_one(
             Err(e) => return http_error(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")),
         }
     };
+    if let Err(reason) = crate::session::check_topic(&format!("realtime:{topic}")) {
+        return http_error(StatusCode::BAD_REQUEST, reason);
+    }
     let delivered = server_broadcast(&state, &claims, Some(peer), &topic, &event, &payload);
     (StatusCode::ACCEPTED, Json(json!({ "deliveries": delivered }))).into_response()
 }

@@ -13,20 +13,31 @@ pub const NAME_CHARS: usize = 64;
 /// `s` as a quoted, escaped string of at most `max_chars` characters (as `{:?}` prints it),
 /// followed by how many bytes were cut: `"abc…" (+1234 bytes)`.
 pub fn clip(s: &str, max_chars: usize) -> String {
+    let (prefix, cut) = escaped_prefix(s, max_chars);
+    match cut {
+        Some(bytes) => format!("\"{prefix}…\" (+{bytes} bytes)"),
+        None => format!("\"{prefix}\""),
+    }
+}
+
+/// Like [`clip`] without the quotes, for names inside a larger text (`patient_id=eq.…`).
+pub fn escape(s: &str, max_chars: usize) -> String {
+    let (mut prefix, cut) = escaped_prefix(s, max_chars);
+    if cut.is_some() {
+        prefix.push('…');
+    }
+    prefix
+}
+
+/// The first `max_chars` characters of `s` escaped, and how many bytes were left out.
+fn escaped_prefix(s: &str, max_chars: usize) -> (String, Option<usize>) {
     let cut = s.char_indices().nth(max_chars).map(|(at, _)| at);
     let prefix = &s[..cut.unwrap_or(s.len())];
-    let mut out = String::with_capacity(prefix.len() + 2);
-    out.push('"');
+    let mut out = String::with_capacity(prefix.len());
     for c in prefix.chars() {
         out.extend(c.escape_debug());
     }
-    match cut {
-        Some(at) => {
-            let _ = write!(out, "…\" (+{} bytes)", s.len() - at);
-        }
-        None => out.push('"'),
-    }
-    out
+    (out, cut.map(|at| s.len() - at))
 }
 
 /// `s` with what PostgreSQL cannot store in a text column (NUL) replaced by U+FFFD and cut to
@@ -64,6 +75,12 @@ mod tests {
     fn control_characters_are_escaped_and_multibyte_text_is_cut_on_a_boundary() {
         assert_eq!(clip("a\0b\nc\u{1b}", 64), "\"a\\0b\\nc\\u{1b}\"");
         assert_eq!(clip("ééé", 2), "\"éé…\" (+2 bytes)");
+    }
+
+    #[test]
+    fn escape_is_clip_without_quotes() {
+        assert_eq!(escape("col\n", 64), "col\\n");
+        assert_eq!(escape("abcdef", 3), "abc…");
     }
 
     #[test]

@@ -228,6 +228,96 @@ async fn logs_are_json_lines_without_row_contents_or_tokens() {
 }
 
 #[tokio::test]
+async fn client_supplied_text_is_logged_and_audited_as_a_bounded_prefix() {
+    use tokio::io::AsyncReadExt;
+    let pg = Pg::start("hostile-logs").await;
+    pg.publish(SCHEMA, &["visits"]).await;
+    let port = free_port();
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcast"))
+        .arg("serve")
+        .env("PGCAST_DATABASE_URL", pg.url())
+        .env("PGCAST_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PGCAST_JWT_SECRET", SECRET)
+        .env("PGCAST_CAPTURE", capture_name())
+        .env("PGCAST_LOG", "debug")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    wait_ready(&format!("http://127.0.0.1:{port}")).await;
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    // Tokenless joins of 200 KB topics, and topics with control characters (NUL among them).
+    let huge_topic = format!("realtime:{}", "x".repeat(200_000));
+    let mut anonymous = Client::connect(addr, None, true).await;
+    for _ in 0..5 {
+        let reply = anonymous.join(&huge_topic, json!([]), None).await;
+        assert_eq!(reply["response"]["reason"], "invalid topic: longer than 255 bytes (200009 bytes)");
+    }
+    let reply = anonymous.join("realtime:a\u{0}b", json!([]), None).await;
+    assert!(reply["response"]["reason"].as_str().unwrap().contains("control characters"), "{reply}");
+    let reply = anonymous.join("realtime:", json!([]), None).await;
+    assert_eq!(reply["response"]["reason"], "invalid topic: you must provide a topic name");
+
+    // Filters and names carrying patient ids, and a 200 KB event name on a joined channel.
+    let mut client = Client::connect(addr, Some(&token("service_role", 600)), true).await;
+    for filter in
+        ["nope=eq.PATIENT-4711", "id=eq.PATIENT-4711", "id=in.(1,PATIENT-4711)", "id=zz.PATIENT-4711"]
+    {
+        let reply = client.join("realtime:v", json!([binding("*", "visits", Some(filter))]), None).await;
+        let reason = reply["response"]["reason"].as_str().unwrap();
+        assert!(!reason.contains("PATIENT-4711"), "{filter}: {reason}");
+    }
+    let reply = client.join("realtime:v", json!([binding("*", &"t".repeat(100_000), None)]), None).await;
+    assert!(reply["response"]["reason"].as_str().unwrap().len() < 300, "a long table name is clipped");
+    assert_eq!(client.join("realtime:v", json!([binding("*", "visits", None)]), None).await["status"], "ok");
+    let r = client.push("realtime:v", &"e".repeat(200_000), json!({})).await;
+    assert!(client.reply(&r).await["payload"]["response"]["reason"].as_str().unwrap().len() < 300);
+
+    let sql = pg.client().await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let refused: i64 = sql
+            .query_one(
+                "SELECT count(*) FROM pgcast.audit_log WHERE action IN ('join_refused', 'auth_failure')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if refused >= 6 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "refusals not audited: {refused}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let row = sql
+        .query_one(
+            "SELECT max(length(channel)), max(length(detail)), bool_or(detail LIKE '%PATIENT-4711%')
+             FROM pgcast.audit_log",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (channel, detail, leaked): (Option<i32>, Option<i32>, Option<bool>) =
+        (row.get(0), row.get(1), row.get(2));
+    assert!(
+        channel.unwrap_or(0) <= 330 && detail.unwrap_or(0) <= 1030,
+        "audit fields {channel:?}, {detail:?}"
+    );
+    assert_ne!(leaked, Some(true), "a filter value reached the audit log");
+
+    unsafe { libc::kill(server.id().unwrap() as i32, libc::SIGTERM) };
+    let mut stderr = String::new();
+    server.stderr.take().unwrap().read_to_string(&mut stderr).await.unwrap();
+    assert!(server.wait().await.unwrap().success());
+    let longest = stderr.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 2000, "a log line of {longest} bytes");
+    assert!(stderr.len() < 100_000, "{} bytes of log for a few dozen frames", stderr.len());
+    assert!(!stderr.contains("PATIENT-4711"), "a filter value reached the log");
+}
+
+#[tokio::test]
 async fn the_example_policy_compiles_against_the_example_schema() {
     let pg = Pg::start("examples").await;
     pg.publish(pgcast::demo::DEMO_SCHEMA, &pgcast::demo::DEMO_TABLES).await;

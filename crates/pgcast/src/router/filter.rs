@@ -8,6 +8,7 @@ use std::cmp::Ordering;
 use crate::capture::catalog::PublishedTable;
 use crate::capture::value::{Scalar, ValueKind};
 use crate::capture::{ChangeKind, Relation, Row};
+use crate::text::{clip, escape, NAME_CHARS};
 
 /// Which change kinds a subscription wants (`event` in the join config). `*` means the row
 /// events (INSERT, UPDATE, DELETE), as in Supabase, which never sends `TRUNCATE`: a client gets
@@ -64,14 +65,15 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// Parses `col=op.value` against the table's columns.
+    /// Parses `col=op.value` against the table's columns. Refusals name the filter's
+    /// [`shape`], never its values: they are logged and audited, and values are often patient
+    /// ids.
     pub fn parse(text: &str, table: &PublishedTable) -> Result<Filter, String> {
-        let (column, rest) = text
-            .split_once('=')
-            .ok_or_else(|| format!("invalid filter {text:?}: expected column=operator.value"))?;
-        let (op_text, value) = rest
-            .split_once('.')
-            .ok_or_else(|| format!("invalid filter {text:?}: expected column=operator.value"))?;
+        let invalid = |problem: String| format!("invalid filter {}: {problem}", shape(text));
+        let (column, rest) =
+            text.split_once('=').ok_or_else(|| invalid("expected column=operator.value".into()))?;
+        let (op_text, value) =
+            rest.split_once('.').ok_or_else(|| invalid("expected column=operator.value".into()))?;
         let op = match op_text {
             "eq" => Op::Eq,
             "neq" => Op::Neq,
@@ -81,27 +83,34 @@ impl Filter {
             "gte" => Op::Gte,
             "in" => Op::In,
             other => {
-                return Err(format!(
-                "invalid filter {text:?}: unknown operator {other:?} (use eq, neq, lt, lte, gt, gte or in)"
-            ))
+                return Err(invalid(format!(
+                    "unknown operator {} (use eq, neq, lt, lte, gt, gte or in)",
+                    clip(other, NAME_CHARS)
+                )))
             }
         };
         let col = table.column(column).ok_or_else(|| {
-            format!("invalid filter {text:?}: table {}.{} has no column {column:?}", table.schema, table.name)
+            invalid(format!(
+                "table {}.{} has no column {}",
+                table.schema,
+                table.name,
+                clip(column, NAME_CHARS)
+            ))
         })?;
         if !col.kind.is_filterable() {
-            return Err(format!(
-                "invalid filter {text:?}: column {column:?} has type {} which cannot be filtered",
+            return Err(invalid(format!(
+                "column {column:?} has type {} which cannot be filtered",
                 col.type_name
-            ));
+            )));
         }
-        let raw_operands = if op == Op::In { parse_in_list(value)? } else { vec![value.to_string()] };
+        let raw_operands =
+            if op == Op::In { parse_in_list(value).map_err(invalid)? } else { vec![value.to_string()] };
         let operands = raw_operands
             .iter()
             .map(|raw| {
-                col.kind.parse_scalar(raw).ok_or_else(|| {
-                    format!("invalid filter {text:?}: {raw:?} is not a valid {} value", col.type_name)
-                })
+                col.kind
+                    .parse_scalar(raw)
+                    .ok_or_else(|| invalid(format!("a value is not a valid {}", col.type_name)))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Filter { column: column.to_string(), op, kind: col.kind.clone(), operands })
@@ -140,12 +149,24 @@ impl Filter {
     }
 }
 
-/// `(a,b,"c,d")` -> `["a", "b", "c,d"]`.
+/// What a filter looks like without its values, for messages and logs: `patient_id=eq.…`,
+/// `status=in.(…)`; names clipped and escaped.
+pub fn shape(text: &str) -> String {
+    let Some((column, rest)) = text.split_once('=') else {
+        return format!("of {} bytes without '='", text.len());
+    };
+    let column = escape(column, NAME_CHARS);
+    match rest.split_once('.') {
+        Some(("in", _)) => format!("{column}=in.(…)"),
+        Some((op, _)) => format!("{column}={}.…", escape(op, NAME_CHARS)),
+        None => format!("{column}=…"),
+    }
+}
+
+/// `(a,b,"c,d")` -> `["a", "b", "c,d"]`. Errors do not quote the list: it holds values.
 fn parse_in_list(value: &str) -> Result<Vec<String>, String> {
-    let inner = value
-        .strip_prefix('(')
-        .and_then(|v| v.strip_suffix(')'))
-        .ok_or_else(|| format!("invalid in filter value {value:?}: expected (a,b,...)"))?;
+    let inner =
+        value.strip_prefix('(').and_then(|v| v.strip_suffix(')')).ok_or("the in list must be (a,b,...)")?;
     let mut items = Vec::new();
     let mut current = String::new();
     let mut quoted = false;
@@ -159,14 +180,14 @@ fn parse_in_list(value: &str) -> Result<Vec<String>, String> {
         }
     }
     if quoted {
-        return Err(format!("invalid in filter value {value:?}: unterminated quote"));
+        return Err("the in list has an unterminated quote".into());
     }
     items.push(current.trim().to_string());
     if items.iter().any(String::is_empty) {
-        return Err(format!("invalid in filter value {value:?}: empty item"));
+        return Err("the in list has an empty item".into());
     }
     if items.len() > 100 {
-        return Err("in filter has more than 100 values".into());
+        return Err("the in list has more than 100 values".into());
     }
     Ok(items)
 }
@@ -265,7 +286,25 @@ mod tests {
         assert!(err("nope=eq.5").contains("has no column"));
         assert!(err("id=eq.abc").contains("not a valid int8"));
         assert!(err("meta=eq.{}").contains("cannot be filtered"));
-        assert!(err("id=in.1,2").contains("expected (a,b,...)"));
+        assert!(err("id=in.1,2").contains("must be (a,b,...)"));
+    }
+
+    #[test]
+    fn refusals_name_the_shape_of_a_filter_never_its_values() {
+        let err = |f: &str| Filter::parse(f, &table()).unwrap_err();
+        for (filter, shape) in [
+            ("id=eq.patient-4711", "id=eq.…"),
+            ("id=in.(4711,\"x\")", "id=in.(…)"),
+            ("id=in.4711", "id=in.(…)"),
+            ("id=like.4711", "id=like.…"),
+            ("id4711", "of 6 bytes without '='"),
+        ] {
+            let reason = err(filter);
+            assert!(reason.starts_with(&format!("invalid filter {shape}: ")), "{filter}: {reason}");
+            assert!(!reason.contains("4711"), "{filter}: the value is in {reason:?}");
+        }
+        let long = format!("{}=eq.1", "c".repeat(10_000));
+        assert!(err(&long).len() < 300, "a long column name is clipped");
     }
 
     #[test]

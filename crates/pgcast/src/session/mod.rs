@@ -494,7 +494,13 @@ impl Session {
 
     async fn reply_error(&mut self, to: &Frame, reason: impl Into<String>) -> Result<(), axum::Error> {
         let reason = reason.into();
-        tracing::info!(session = self.handle.id, topic = %to.topic, event = %to.event, reason = %reason, "refused");
+        tracing::info!(
+            session = self.handle.id,
+            topic = %crate::text::clip(&to.topic, MAX_TOPIC_BYTES),
+            event = %crate::text::clip(&to.event, crate::text::NAME_CHARS),
+            reason = %reason,
+            "refused"
+        );
         self.reply(to, "error", json!({ "reason": reason })).await
     }
 
@@ -557,18 +563,26 @@ impl Session {
         self.send_text(text).await
     }
 
-    /// A frame that could not be read: `phx_error` with the reason; a client that keeps
-    /// sending them (`MAX_MALFORMED` within `MALFORMED_WINDOW`) is disconnected.
+    /// A frame that could not be read: `phx_error` with the reason.
     async fn malformed(&mut self, reason: &str) -> Result<(), axum::Error> {
-        let now = Instant::now();
-        let penalties = self.penalties.get_or_insert_with(|| Box::new(Penalties::new(now)));
-        if penalties.malformed_frame(now) >= MAX_MALFORMED {
-            let reason =
-                format!("too many malformed frames: {MAX_MALFORMED} within {}s", MALFORMED_WINDOW.as_secs());
-            self.handle.kick(close_code::INVALID_PAYLOAD, reason);
+        if self.strike() {
             return Ok(());
         }
         self.send_error_notice(reason).await
+    }
+
+    /// Counts a malformed frame (or an unusable topic); a client that keeps sending them
+    /// (`MAX_MALFORMED` within `MALFORMED_WINDOW`) is cut off, and `true` says so.
+    fn strike(&mut self) -> bool {
+        let now = Instant::now();
+        let penalties = self.penalties.get_or_insert_with(|| Box::new(Penalties::new(now)));
+        if penalties.malformed_frame(now) < MAX_MALFORMED {
+            return false;
+        }
+        let reason =
+            format!("too many malformed frames: {MAX_MALFORMED} within {}s", MALFORMED_WINDOW.as_secs());
+        self.handle.kick(close_code::INVALID_PAYLOAD, reason);
+        true
     }
 
     async fn handle_text(&mut self, text: &str) -> Result<(), axum::Error> {
@@ -579,7 +593,10 @@ impl Session {
         if frame.topic == "phoenix" {
             return match frame.event.as_str() {
                 "heartbeat" => self.reply(&frame, "ok", json!({})).await,
-                other => self.reply_error(&frame, format!("unknown event {other:?} on topic phoenix")).await,
+                other => {
+                    let other = crate::text::clip(other, crate::text::NAME_CHARS);
+                    self.reply_error(&frame, format!("unknown event {other} on topic phoenix")).await
+                }
             };
         }
         match frame.event.as_str() {
@@ -604,7 +621,7 @@ impl Session {
             "broadcast" => self.broadcast(frame).await,
             "presence" => self.presence(frame).await,
             other => {
-                let reason = format!("unknown event {other:?}");
+                let reason = format!("unknown event {}", crate::text::clip(other, crate::text::NAME_CHARS));
                 self.reply_error(&frame, reason).await
             }
         }
@@ -624,6 +641,16 @@ impl Session {
     }
 
     async fn join(&mut self, frame: Frame) -> Result<(), axum::Error> {
+        // Before anything about the join is logged or audited: the topic is the client's text.
+        if let Err(reason) = check_topic(&frame.topic) {
+            metrics::counter!("pgcast_joins_refused_total").increment(1);
+            // Audited as a bounded prefix (`AuditEvent::channel`), like every client field.
+            self.audit(AuditEvent::new(Action::JoinRefused).channel(&frame.topic).detail(reason.clone()));
+            if self.strike() {
+                return Ok(());
+            }
+            return self.reply_error(&frame, reason).await;
+        }
         // Joining a topic again replaces the previous membership, as in Phoenix.
         if self.channels.contains_key(&frame.topic) {
             self.leave(&frame.topic);
@@ -1029,6 +1056,26 @@ fn parse_broadcast_resume(payload: &Value) -> Result<Option<(u64, String)>, Stri
     let epoch =
         resume.get("epoch").and_then(Value::as_str).ok_or("config.resume.broadcast needs an epoch")?;
     Ok(Some((seq, epoch.to_string())))
+}
+
+/// Longest topic a channel may have: what realtime-js's binary broadcast frame can carry (a
+/// one-byte length), far above any real channel name.
+pub const MAX_TOPIC_BYTES: usize = 255;
+
+/// Whether `topic` can name a channel: at most [`MAX_TOPIC_BYTES`], no control characters, and
+/// a name after `realtime:` (Supabase: "You must provide a topic name").
+pub fn check_topic(topic: &str) -> Result<(), String> {
+    if topic.len() > MAX_TOPIC_BYTES {
+        return Err(format!("invalid topic: longer than {MAX_TOPIC_BYTES} bytes ({} bytes)", topic.len()));
+    }
+    if topic.chars().any(char::is_control) {
+        let shown = crate::text::clip(topic, crate::text::NAME_CHARS);
+        return Err(format!("invalid topic {shown}: control characters are not allowed"));
+    }
+    if topic.is_empty() || topic == "realtime:" {
+        return Err("invalid topic: you must provide a topic name".into());
+    }
+    Ok(())
 }
 
 /// `realtime:room1` -> `room1`.

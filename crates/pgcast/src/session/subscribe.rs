@@ -15,6 +15,9 @@ use crate::server::AppState;
 
 use super::SessionHandle;
 
+/// PostgreSQL's identifier length (NAMEDATALEN - 1).
+const MAX_NAME_BYTES: usize = 63;
+
 /// Subscriptions for every binding, and the join reply's `postgres_changes` (each binding echoed
 /// with its server id). All or nothing: the first invalid binding refuses the join.
 pub async fn subscribe(
@@ -53,6 +56,16 @@ async fn parse_binding(
     let events = EventFilter::parse(event_text)?;
     let schema = field("schema").unwrap_or("public").to_string();
     let table = field("table").filter(|t| !t.is_empty() && *t != "*").map(str::to_string);
+    // Names go into replies, log lines and audit rows: longer ones cannot be PostgreSQL names
+    // (63 bytes) anyway.
+    for (what, name) in [("schema", Some(&schema)), ("table", table.as_ref())] {
+        if let Some(name) = name.filter(|n| n.len() > MAX_NAME_BYTES || n.chars().any(char::is_control)) {
+            return Err(format!(
+                "{what} name {} is not a PostgreSQL name (at most {MAX_NAME_BYTES} bytes, no control characters)",
+                crate::text::clip(name, crate::text::NAME_CHARS)
+            ));
+        }
+    }
     let filter_text = field("filter").filter(|f| !f.is_empty());
     if events == EventFilter::Only(crate::capture::ChangeKind::Truncate) && filter_text.is_some() {
         return Err("a TRUNCATE binding takes no filter: a truncation has no row to test".into());
@@ -126,8 +139,8 @@ async fn parse_binding(
         }
         if !policy.can_match(filter) {
             return Err(format!(
-                "filter {:?} can never match a row role {:?} may see",
-                filter_text.unwrap_or_default(),
+                "filter {} can never match a row role {:?} may see",
+                crate::router::filter::shape(filter_text.unwrap_or_default()),
                 claims.role
             ));
         }
