@@ -112,6 +112,27 @@ impl AuditEvent {
         self
     }
 
+    /// This record with every client-supplied text field as printable ASCII (`\u{..}` escapes),
+    /// for a record PostgreSQL refused as it was.
+    fn escaped(&self) -> AuditEvent {
+        let ascii = |field: &Option<String>| field.as_deref().map(|text| text.escape_default().to_string());
+        AuditEvent {
+            user_id: ascii(&self.user_id),
+            role: ascii(&self.role),
+            tenant: ascii(&self.tenant),
+            channel: ascii(&self.channel),
+            client_addr: self.client_addr.clone(),
+            detail: ascii(&self.detail),
+            ..AuditEvent::new(self.action)
+        }
+        .at(self.at)
+    }
+
+    fn at(mut self, at: SystemTime) -> AuditEvent {
+        self.at = at;
+        self
+    }
+
     pub fn detail(mut self, detail: impl Into<String>) -> AuditEvent {
         self.detail = Some(bounded(&detail.into(), DETAIL_CHARS));
         self
@@ -166,6 +187,9 @@ pub async fn ensure_table(db: &Db, app_roles: &[String]) -> Result<(), DbError> 
                  client_addr text,
                  detail text
              );
+             -- Set on a record PostgreSQL refused as it was and that was written with its
+             -- client-supplied fields replaced (added after the first release: IF NOT EXISTS).
+             ALTER TABLE pgcast.audit_log ADD COLUMN IF NOT EXISTS sanitized boolean NOT NULL DEFAULT false;
              CREATE INDEX IF NOT EXISTS audit_log_at ON pgcast.audit_log (at);
              CREATE OR REPLACE FUNCTION pgcast.audit_log_is_append_only() RETURNS trigger
                  LANGUAGE plpgsql AS $$
@@ -194,6 +218,11 @@ pub async fn ensure_table(db: &Db, app_roles: &[String]) -> Result<(), DbError> 
 }
 
 /// Writes queued events in batches until shutdown, then flushes what is left.
+///
+/// A batch PostgreSQL cannot be reached for is kept and retried with backoff. A batch it
+/// refuses because of what a record holds (a data or constraint error) never blocks the ones
+/// after it: its records are written one by one, and one refused alone is written again with
+/// its text fields replaced and `sanitized` set (see [`write_isolated`]).
 pub async fn run_writer(mut rx: mpsc::Receiver<AuditEvent>, db: std::sync::Arc<Db>, mut shutdown: Shutdown) {
     let mut pending: Vec<AuditEvent> = Vec::new();
     let mut retry = Duration::from_millis(200);
@@ -210,12 +239,19 @@ pub async fn run_writer(mut rx: mpsc::Receiver<AuditEvent>, db: std::sync::Arc<D
         }
         while !pending.is_empty() {
             let take = pending.len().min(BATCH);
-            match insert(&db, &pending[..take]).await {
-                Ok(()) => {
-                    pending.drain(..take);
+            let written = match insert(&db, &pending[..take], false).await {
+                Err(e) if refused_for_content(&e) => write_isolated(&db, &pending[..take]).await,
+                other => other.map(|()| take).map_err(|e| (0, e)),
+            };
+            match written {
+                Ok(count) => {
+                    pending.drain(..count);
                     retry = Duration::from_millis(200);
                 }
-                Err(e) => {
+                Err((count, e)) => {
+                    // What was written before PostgreSQL went away leaves the queue; the rest
+                    // waits for the retry.
+                    pending.drain(..count);
                     tracing::warn!(error = %e, pending = pending.len(), "audit log write failed; retrying");
                     if pending.len() > BACKLOG {
                         let excess = pending.len() - BACKLOG;
@@ -240,16 +276,71 @@ pub async fn run_writer(mut rx: mpsc::Receiver<AuditEvent>, db: std::sync::Arc<D
     }
 }
 
-async fn insert(db: &Db, events: &[AuditEvent]) -> Result<(), DbError> {
+/// Whether PostgreSQL refused the statement for what a record holds (SQLSTATE class 22 data
+/// exception, 23 integrity constraint, 54 program limit), not because it is unreachable or the
+/// table is unusable for every record (permissions, a missing table), which a retry may fix.
+fn refused_for_content(error: &DbError) -> bool {
+    let DbError::Query(e) = error else { return false };
+    e.as_db_error().is_some_and(|db| matches!(&db.code().code()[..2], "22" | "23" | "54"))
+}
+
+/// Writes `events` one by one after their batch was refused. A record refused on its own is
+/// written again with every client-supplied text field escaped to plain ASCII and
+/// `sanitized = true`, and if even that is refused, as the bare action and time with a note
+/// saying why: the trail shows that something happened, when, and that it was altered. Returns
+/// how many records were dealt with; an `Err` carries that count when PostgreSQL became
+/// unreachable part-way.
+async fn write_isolated(db: &Db, events: &[AuditEvent]) -> Result<usize, (usize, DbError)> {
+    for (done, event) in events.iter().enumerate() {
+        let refused = match insert(db, std::slice::from_ref(event), false).await {
+            Ok(()) => continue,
+            Err(e) if refused_for_content(&e) => e,
+            Err(e) => return Err((done, e)),
+        };
+        let code = sqlstate(&refused);
+        tracing::error!(action = event.action.as_str(), sqlstate = %code, "audit record refused by PostgreSQL; writing it sanitized");
+        metrics::counter!("pgcast_audit_sanitized_total").increment(1);
+        let escaped = event.escaped();
+        match insert(db, std::slice::from_ref(&escaped), true).await {
+            Ok(()) => continue,
+            Err(e) if refused_for_content(&e) => {}
+            Err(e) => return Err((done, e)),
+        }
+        let bare = AuditEvent::new(event.action)
+            .at(event.at)
+            .detail(format!("record refused by PostgreSQL (SQLSTATE {code}); its fields were dropped"));
+        match insert(db, std::slice::from_ref(&bare), true).await {
+            Ok(()) => {}
+            Err(e) if refused_for_content(&e) => {
+                tracing::error!(
+                    action = event.action.as_str(),
+                    "audit record could not be written in any form"
+                );
+                metrics::counter!("pgcast_audit_dropped_total").increment(1);
+            }
+            Err(e) => return Err((done, e)),
+        }
+    }
+    Ok(events.len())
+}
+
+fn sqlstate(error: &DbError) -> String {
+    match error {
+        DbError::Query(e) => e.as_db_error().map(|db| db.code().code().to_string()).unwrap_or_default(),
+        DbError::Connect(_) => String::new(),
+    }
+}
+
+async fn insert(db: &Db, events: &[AuditEvent], sanitized: bool) -> Result<(), DbError> {
     let client = db.client().await?;
     let column = |f: fn(&AuditEvent) -> Option<String>| events.iter().map(f).collect::<Vec<_>>();
     let at: Vec<SystemTime> = events.iter().map(|e| e.at).collect();
     let action: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
     client
         .execute(
-            "INSERT INTO pgcast.audit_log (at, action, user_id, role, tenant, channel, client_addr, detail)
-             SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                  $6::text[], $7::text[], $8::text[])",
+            "INSERT INTO pgcast.audit_log (at, action, user_id, role, tenant, channel, client_addr, detail, sanitized)
+             SELECT *, $9 FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                      $6::text[], $7::text[], $8::text[])",
             &[
                 &at,
                 &action,
@@ -259,6 +350,7 @@ async fn insert(db: &Db, events: &[AuditEvent]) -> Result<(), DbError> {
                 &column(|e| e.channel.clone()),
                 &column(|e| e.client_addr.clone()),
                 &column(|e| e.detail.clone()),
+                &sanitized,
             ],
         )
         .await?;

@@ -109,3 +109,70 @@ async fn audited_actions_are_written_and_the_log_is_append_only() {
     let err = sql.batch_execute("DELETE FROM pgcast.audit_log").await.unwrap_err();
     assert!(err.as_db_error().unwrap().message().contains("append-only"));
 }
+
+/// Rows of `pgcast.audit_log` as (action, channel, sanitized, detail), once `done` holds.
+async fn audit_rows(
+    sql: &tokio_postgres::Client,
+    done: impl Fn(&[(String, Option<String>, bool, Option<String>)]) -> bool,
+) -> Vec<(String, Option<String>, bool, Option<String>)> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let rows: Vec<_> = sql
+            .query("SELECT action, channel, sanitized, detail FROM pgcast.audit_log ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        if done(&rows) {
+            return rows;
+        }
+        assert!(Instant::now() < deadline, "audit log never complete: {rows:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_hostile_frame_followed_by_a_normal_join_leaves_both_recorded() {
+    let (pg, server) =
+        start_with("audit-nul", "CREATE TABLE visits (id int PRIMARY KEY)", &["visits"], |_| {}).await;
+    let mut client = Client::connect(server.addr, Some(&token("service_role", 600)), true).await;
+    // PostgreSQL refuses U+0000 in a text column: this used to stop the audit trail for good.
+    let reply = client.join("realtime:ward\u{0}x", json!([]), None).await;
+    assert_eq!(reply["status"], "error");
+    assert_eq!(client.join("realtime:ward", json!([]), None).await["status"], "ok");
+    let sql = pg.client().await;
+    let rows = audit_rows(&sql, |rows| rows.iter().any(|r| r.0 == "join")).await;
+    let refused = rows.iter().find(|r| r.0 == "join_refused").expect("the hostile join is recorded");
+    assert_eq!(refused.1.as_deref(), Some("realtime:ward\u{FFFD}x"), "NUL replaced, the rest kept");
+    assert!(rows.iter().any(|r| r.0 == "join" && r.1.as_deref() == Some("realtime:ward")));
+}
+
+#[tokio::test]
+async fn a_record_postgresql_refuses_is_written_sanitized_and_later_records_go_on() {
+    let (pg, server) =
+        start_with("audit-refused", "CREATE TABLE visits (id int PRIMARY KEY)", &["visits"], |_| {}).await;
+    // Constraints standing in for whatever PostgreSQL may refuse in a record some day.
+    pg.exec(
+        "ALTER TABLE pgcast.audit_log ADD CONSTRAINT printable CHECK (channel ~ '^[ -~]*$');
+         ALTER TABLE pgcast.audit_log ADD CONSTRAINT allowed CHECK (channel NOT LIKE '%forbidden%')",
+    )
+    .await;
+    let mut client = Client::connect(server.addr, Some(&token("service_role", 600)), true).await;
+    for topic in ["realtime:café", "realtime:forbidden", "realtime:after"] {
+        assert_eq!(client.join(topic, json!([]), None).await["status"], "ok", "{topic}");
+    }
+    let sql = pg.client().await;
+    let rows = audit_rows(&sql, |rows| rows.iter().any(|r| r.1.as_deref() == Some("realtime:after"))).await;
+    let joins: Vec<_> = rows.iter().filter(|r| r.0 == "join").collect();
+    assert_eq!(joins.len(), 3, "every join is recorded: {joins:#?}");
+    assert_eq!(
+        (joins[0].1.as_deref(), joins[0].2),
+        (Some("realtime:caf\\u{e9}"), true),
+        "escaped to ASCII and flagged"
+    );
+    assert_eq!((joins[1].1.as_deref(), joins[1].2), (None, true), "written bare and flagged");
+    assert!(joins[1].3.as_deref().unwrap_or("").contains("SQLSTATE 23514"), "{:?}", joins[1]);
+    assert_eq!((joins[2].1.as_deref(), joins[2].2), (Some("realtime:after"), false), "later records go on");
+    assert!(metric(server.addr.port(), "pgcast_audit_sanitized_total").await >= 2.0);
+}
