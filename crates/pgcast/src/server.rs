@@ -266,7 +266,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         catalog: catalog.clone(),
         index: index.clone(),
         policy: Arc::new(policy),
-        hub: Hub::new(config.retention.max_age),
+        hub: Hub::new(config.retention.max_age, config.broadcast_history),
         presence: Presence::default(),
         history: history.clone(),
         rls: rls.clone(),
@@ -359,6 +359,7 @@ async fn upkeep(state: Arc<AppState>, mut shutdown: Shutdown) {
         }
         update_gauges(&state);
         state.hub.prune();
+        metrics::gauge!("pgcast_broadcast_history_bytes").set(state.hub.history_bytes() as f64);
         state.metrics.run_upkeep();
     }
 }

@@ -264,3 +264,65 @@ async fn broadcasts_carry_a_sequence_and_a_returning_member_gets_what_it_missed(
         stale.expect("resync", |v| v["event"] == "system" && v["payload"]["scope"] == "broadcast").await;
     assert_eq!(notice["payload"]["status"], "resync_required", "{notice}");
 }
+
+#[tokio::test]
+async fn broadcast_history_stays_within_its_byte_budget() {
+    const MIB: usize = 1024 * 1024;
+    let (_pg, server) = setup("broadcastbudget", |c| {
+        c.broadcast_history = pgcast::broadcast::HistoryBudget { max_bytes: 4 * MIB, topic_max_bytes: MIB };
+    })
+    .await;
+    let port = server.addr.port();
+    // An anonymous client fills topics nobody else is on with 200 KB broadcasts, and leaves:
+    // 8 MB sent, at most 4 MiB (1 MiB a topic) kept.
+    let big = json!({"type": "broadcast", "event": "junk", "payload": {"x": "y".repeat(200_000)}});
+    for topic in ["realtime:j1", "realtime:j2", "realtime:j3", "realtime:j4", "realtime:j5"] {
+        let mut anonymous = Client::connect(server.addr, Some(&token("anon", 600)), true).await;
+        let payload = json!({"config": {"broadcast": {"ack": true}}});
+        let r = anonymous.push(topic, "phx_join", payload).await;
+        assert_eq!(anonymous.reply(&r).await["payload"]["status"], "ok");
+        for _ in 0..8 {
+            let r = anonymous.push(topic, "broadcast", big.clone()).await;
+            assert_eq!(anonymous.reply(&r).await["payload"]["status"], "ok");
+        }
+    }
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let held = metric(port, "pgcast_broadcast_history_bytes").await;
+        if held > 0.0 && held <= (4 * MIB) as f64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "broadcast history holds {held} bytes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(metric(port, "pgcast_broadcast_history_evicted_total").await >= 20.0);
+    // A member resuming from before what was evicted is told to resync; one from what is kept
+    // gets the rest.
+    let epoch = {
+        let mut probe = Client::connect(server.addr, Some(&token("anon", 600)), true).await;
+        let resume = json!({"config": {"resume": {"broadcast": {"seq": 0, "epoch": "x"}}}});
+        let r = probe.push("realtime:j5", "phx_join", resume).await;
+        probe.reply(&r).await;
+        let notice =
+            probe.expect("resync", |v| v["event"] == "system" && v["payload"]["scope"] == "broadcast").await;
+        notice["payload"]["epoch"].as_str().unwrap().to_string()
+    };
+    let mut returning = Client::connect(server.addr, Some(&token("anon", 600)), true).await;
+    let resume = json!({"config": {"resume": {"broadcast": {"seq": 1, "epoch": epoch}}}});
+    let r = returning.push("realtime:j5", "phx_join", resume).await;
+    returning.reply(&r).await;
+    let notice =
+        returning.expect("resync", |v| v["event"] == "system" && v["payload"]["scope"] == "broadcast").await;
+    assert_eq!(notice["payload"]["status"], "resync_required", "{notice}");
+    assert!(notice["payload"]["message"].as_str().unwrap().contains("older than the broadcasts kept"));
+    // vsn 1.0.0: broadcasts arrive as JSON text (2.0.0 members get binary frames).
+    let mut recent = Client::connect(server.addr, Some(&token("anon", 600)), false).await;
+    let resume = json!({"config": {"resume": {"broadcast": {"seq": 39, "epoch": epoch}}}});
+    let r = recent.push("realtime:j5", "phx_join", resume).await;
+    recent.reply(&r).await;
+    let kept = recent.expect("the kept broadcast", |v| v["event"] == "broadcast").await;
+    assert_eq!(kept["payload"]["meta"]["seq"], 40, "j5 numbers on after j1-j4's 32");
+    let notice =
+        recent.expect("resumed", |v| v["event"] == "system" && v["payload"]["scope"] == "broadcast").await;
+    assert_eq!(notice["payload"]["status"], "ok", "{notice}");
+}
