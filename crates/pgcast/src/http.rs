@@ -23,7 +23,7 @@ use crate::capture::format_lsn;
 use crate::config::CaptureMode;
 use crate::protocol::phoenix::Vsn;
 use crate::server::{update_gauges, AppState};
-use crate::session::Session;
+use crate::session::{Session, Unauthenticated};
 
 /// Bytes the WebSocket reader buffers per connection; tungstenite's default (128 KiB) would
 /// dominate per-connection memory. Client frames are small (heartbeats, joins, broadcasts); a
@@ -59,7 +59,37 @@ async fn websocket(
         Ok(vsn) => vsn,
         Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
     };
+    // A given apikey is checked now, as Supabase does: an invalid one gets 401 with a JSON
+    // error instead of a connection held open. Without one the connection is unauthenticated
+    // until a join brings a token, and only so many may be.
     let apikey = params.get("apikey").cloned();
+    let (identity, unauthenticated) = match apikey.as_deref() {
+        Some(key) => match state.verifier.verify(key) {
+            Ok(claims) => (Some(claims.identity()), None),
+            Err(e) => {
+                metrics::counter!("pgcast_auth_failures_total").increment(1);
+                let reason = format!("invalid apikey: {e}");
+                state
+                    .audit
+                    .record(AuditEvent::new(Action::AuthFailure).peer(Some(peer)).detail(reason.clone()));
+                return http_error(StatusCode::UNAUTHORIZED, reason);
+            }
+        },
+        None => {
+            let max = state.config.max_unauthenticated_connections;
+            match Unauthenticated::admit(&state.unauthenticated, max, state.config.auth_timeout) {
+                Some(slot) => (None, Some(slot)),
+                None => {
+                    metrics::counter!("pgcast_connections_refused_total", "reason" => "unauthenticated")
+                        .increment(1);
+                    let reason = format!(
+                        "too many connections without a token (at most {max}): connect with an apikey"
+                    );
+                    return http_error(StatusCode::SERVICE_UNAVAILABLE, reason);
+                }
+            }
+        }
+    };
     let max = state.config.max_message_bytes;
     let guard = state.session_guard();
     upgrade
@@ -68,7 +98,9 @@ async fn websocket(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            let session = Session::new(socket, state, peer, vsn, apikey);
+            state.audit.record(AuditEvent::new(Action::Connect).identity(identity.as_ref()).peer(Some(peer)));
+            drop(identity);
+            let session = Session::new(socket, state, peer, vsn, apikey, unauthenticated);
             crate::session::supervise::run(session.id(), session.run()).await;
             drop(guard);
         })

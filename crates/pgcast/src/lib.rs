@@ -6,6 +6,7 @@
 //! `protocol` (wire framing). `server` wires the stages together and owns their lifecycle; see
 //! ARCHITECTURE.md for the map and its invariants.
 
+pub mod accept;
 pub mod audit;
 pub mod auth;
 pub mod broadcast;

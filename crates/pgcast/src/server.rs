@@ -17,7 +17,6 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use axum::extract::ws::Message;
-use axum::serve::ListenerExt;
 
 use crate::audit::AuditLog;
 use crate::auth::Verifier;
@@ -81,6 +80,8 @@ pub struct AppState {
     /// Open connections per user, for `max_connections_per_user`.
     users: Mutex<HashMap<String, usize>>,
     stopping: AtomicBool,
+    /// WebSocket connections that have presented no valid token yet.
+    pub unauthenticated: Arc<AtomicUsize>,
     active_sessions: AtomicUsize,
     sessions_idle: Notify,
 }
@@ -278,6 +279,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         next_subscription: AtomicU64::new(1),
         users: Mutex::new(HashMap::new()),
         stopping: AtomicBool::new(false),
+        unauthenticated: Arc::new(AtomicUsize::new(0)),
         active_sessions: AtomicUsize::new(0),
         sessions_idle: Notify::new(),
         config,
@@ -307,21 +309,11 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     };
 
     let app = crate::http::routes(state.clone());
-    let mut http_shutdown = shutdown.clone();
-    let http = tokio::spawn(async move {
-        // TCP_NODELAY: sessions batch their writes themselves; Nagle's algorithm would hold a
-        // small frame back until the client's delayed ACK (up to 40 ms on Linux).
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
-            }
-        });
-        let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move { http_shutdown.wait().await });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    });
+    let limits = crate::accept::Limits {
+        header_timeout: state.config.http_header_timeout,
+        max_pending: state.config.max_pending_connections,
+    };
+    let http = tokio::spawn(crate::accept::serve(listener, app, limits, shutdown.clone()));
     let keeper = if trigger_mode {
         tokio::spawn(async {})
     } else {
@@ -375,6 +367,8 @@ pub fn update_gauges(state: &AppState) {
     });
     let subscriptions = state.index.read().map(|i| i.len()).unwrap_or(0);
     metrics::gauge!("pgcast_subscriptions").set(subscriptions as f64);
+    metrics::gauge!("pgcast_unauthenticated_connections")
+        .set(state.unauthenticated.load(Ordering::Relaxed) as f64);
 }
 
 impl RunningServer {

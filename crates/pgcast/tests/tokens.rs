@@ -113,3 +113,41 @@ async fn an_exp_near_u64_max_neither_panics_at_join_nor_at_refresh() {
     assert_eq!(client.reply(&r).await["payload"]["status"], "ok");
     assert_eq!(metric(server.addr.port(), "pgcast_session_panics_total").await, 0.0);
 }
+
+/// The HTTP refusal of a WebSocket upgrade to `/realtime/v1/websocket?{query}`: status, the
+/// content type and the JSON body.
+async fn refused_upgrade(addr: std::net::SocketAddr, query: &str) -> (u16, String, Value) {
+    let url = format!("ws://{addr}/realtime/v1/websocket?{query}");
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let kind = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+            let body = response.body().as_deref().unwrap_or_default();
+            let json = serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"));
+            (response.status().as_u16(), kind.to_string(), json)
+        }
+        other => panic!("expected an HTTP refusal, got {:?}", other.map(|_| "a connection")),
+    }
+}
+
+#[tokio::test]
+async fn an_invalid_apikey_is_refused_at_the_handshake_with_401_and_a_json_error() {
+    let (_pg, server) = setup("handshake").await;
+    let expired = token("service_role", -5);
+    let later = signed(json!({"role": "service_role", "exp": now() + 600, "nbf": now() + 300}));
+    let garbage = "g".repeat(30_000);
+    let cases = [
+        (garbage.as_str(), "invalid apikey: token is malformed (not a JWT)"),
+        (expired.as_str(), "invalid apikey: token has expired"),
+        (later.as_str(), "invalid apikey: token is not valid yet (nbf)"),
+        ("", "invalid apikey: no token: pass it as the apikey query parameter or the join's access_token"),
+    ];
+    for (apikey, reason) in cases {
+        let (status, kind, body) = refused_upgrade(server.addr, &format!("vsn=2.0.0&apikey={apikey}")).await;
+        assert_eq!((status, kind.as_str()), (401, "application/json"), "{reason}");
+        assert_eq!(body, json!({"error": reason}));
+    }
+    // A valid apikey connects, and no refused handshake left a session behind.
+    let mut client = Client::connect(server.addr, Some(&token("service_role", 600)), true).await;
+    assert_eq!(client.join("realtime:ok", bindings(), None).await["status"], "ok");
+    assert_eq!(metric(server.addr.port(), "pgcast_connections").await, 1.0);
+}

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,6 +57,8 @@ pub mod close_code {
     pub const INVALID_PAYLOAD: u16 = 1007;
     /// The client kept sending faster than `max_messages_per_second`.
     pub const POLICY_VIOLATION: u16 = 1008;
+    /// The connection presented no valid token within `auth_timeout_secs`.
+    pub const AUTH_TIMEOUT: u16 = 4002;
     /// The user already has as many connections as allowed.
     pub const TOO_MANY_CONNECTIONS: u16 = 4003;
 }
@@ -221,6 +223,29 @@ pub struct Session {
     /// Frames dropped over the rate and malformed frames; allocated by the first of either, so
     /// well-behaved connections carry no more than the pointer.
     penalties: Option<Box<Penalties>>,
+    /// Until a token is verified (boxed: most connections bring a valid `apikey`).
+    unauthenticated: Option<Box<Unauthenticated>>,
+}
+
+/// A WebSocket that has presented no valid token yet: counted in
+/// `AppState::unauthenticated` while it lives, with the time by which it must present one.
+pub struct Unauthenticated {
+    count: Arc<AtomicUsize>,
+    deadline: Instant,
+}
+
+impl Unauthenticated {
+    /// Counts one more unauthenticated connection, unless `max` are open already.
+    pub fn admit(count: &Arc<AtomicUsize>, max: usize, within: Duration) -> Option<Unauthenticated> {
+        count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Unauthenticated { count: count.clone(), deadline: Instant::now() + within })
+    }
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Malformed frames within `MALFORMED_WINDOW` that disconnect a client.
@@ -276,12 +301,16 @@ enum Ending {
 }
 
 impl Session {
+    /// A session for an upgraded connection. `unauthenticated` is given when the connection
+    /// brought no (valid) `apikey`: it counts against `max_unauthenticated_connections` until
+    /// a join verifies a token, and the connection is closed if none does in `auth_timeout`.
     pub fn new(
         socket: WebSocket,
         state: Arc<AppState>,
         peer: SocketAddr,
         vsn: Vsn,
         apikey: Option<String>,
+        unauthenticated: Option<Unauthenticated>,
     ) -> Session {
         let apikey = apikey.map(String::into_boxed_str);
         let handle = Arc::new(SessionHandle {
@@ -305,6 +334,7 @@ impl Session {
             limiter,
             counted_user: None,
             penalties: None,
+            unauthenticated: unauthenticated.map(Box::new),
         }
     }
 
@@ -315,11 +345,6 @@ impl Session {
     /// Runs the connection until the client leaves, is cut off, or the server shuts down.
     pub async fn run(mut self) {
         tracing::info!(session = self.handle.id, peer = %self.peer, "client connected");
-        {
-            // Scoped: the claims must not live on in this connection's task.
-            let claims = self.apikey.as_deref().and_then(|key| self.state.verifier.verify(key).ok());
-            self.audit(AuditEvent::new(Action::Connect).claims(claims.as_ref()));
-        }
         // The kick and shutdown are watched here, outside `serve`: a client that stopped reading
         // leaves `serve` blocked in a socket write, and must still be cut off. Watched once, they
         // are registered once, not again on every message the loop writes.
@@ -387,7 +412,8 @@ impl Session {
         tokio::pin!(timer);
         loop {
             let expiry = self.channels.values().map(|c| c.expires_at).min();
-            let next = expiry.map_or(heartbeat_deadline, |e| e.min(heartbeat_deadline));
+            let auth = self.unauthenticated.as_ref().map(|u| u.deadline);
+            let next = [expiry, auth].into_iter().flatten().fold(heartbeat_deadline, Instant::min);
             if timer.deadline() != next {
                 timer.as_mut().reset(next);
             }
@@ -445,6 +471,13 @@ impl Session {
                     }
                 }
                 _ = &mut timer => {
+                    if self.unauthenticated.as_ref().is_some_and(|u| Instant::now() >= u.deadline) {
+                        let within = self.state.config.auth_timeout.as_secs();
+                        return Ending::Close(
+                            close_code::AUTH_TIMEOUT,
+                            format!("no valid token within {within}s: connect with an apikey or join with an access_token"),
+                        );
+                    }
                     if Instant::now() >= heartbeat_deadline {
                         return Ending::Close(
                             close_code::HEARTBEAT_TIMEOUT,
@@ -657,7 +690,11 @@ impl Session {
         }
         let access_token = frame.payload.get("access_token").and_then(Value::as_str);
         let claims = match self.verify_token(access_token) {
-            Ok(claims) => claims,
+            Ok(claims) => {
+                // A verified token: the connection is no longer unauthenticated.
+                self.unauthenticated = None;
+                claims
+            }
             Err(reason) => {
                 metrics::counter!("pgcast_auth_failures_total").increment(1);
                 self.audit(AuditEvent::new(Action::AuthFailure).channel(&frame.topic).detail(reason.clone()));
