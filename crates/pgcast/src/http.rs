@@ -106,6 +106,27 @@ async fn websocket(
         })
 }
 
+/// Largest server-broadcast body (axum's default limit for a body read whole).
+const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// A request body, read only after the token was checked (so an unauthenticated client cannot
+/// make the server buffer it) and within the header timeout (so a body trickled byte by byte
+/// cannot hold the connection).
+async fn read_body(state: &AppState, body: axum::body::Body) -> Result<axum::body::Bytes, Response> {
+    let within = state.config.http_header_timeout;
+    match tokio::time::timeout(within, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(http_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY_BYTES} bytes, or cut off"),
+        )),
+        Err(_) => Err(http_error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("request body not received within {}s", within.as_secs()),
+        )),
+    }
+}
+
 fn http_error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
@@ -155,11 +176,15 @@ async fn broadcast(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Response {
     let claims = match service_claims(&state, &headers) {
         Ok(claims) => claims,
         Err((status, message)) => return http_error(status, message),
+    };
+    let body = match read_body(&state, body).await {
+        Ok(body) => body,
+        Err(refusal) => return refusal,
     };
     let parsed: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(value) => value,
@@ -199,11 +224,15 @@ async fn broadcast_one(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((topic, event)): Path<(String, String)>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Response {
     let claims = match service_claims(&state, &headers) {
         Ok(claims) => claims,
         Err((status, message)) => return http_error(status, message),
+    };
+    let body = match read_body(&state, body).await {
+        Ok(body) => body,
+        Err(refusal) => return refusal,
     };
     let binary =
         headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == b"application/octet-stream");

@@ -142,3 +142,35 @@ async fn websockets_without_a_token_are_bounded_in_number() {
     };
     assert_eq!(metric(server.addr.port(), "pgcast_unauthenticated_connections").await, 3.0);
 }
+
+#[tokio::test]
+async fn a_server_broadcast_body_is_read_only_after_the_token_and_only_for_so_long() {
+    let (_pg, server) = setup("body", |c| c.http_header_timeout = Duration::from_secs(1)).await;
+    let head = |auth: &str| {
+        format!(
+            "POST /api/broadcast HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{{"
+        )
+    };
+    // No token: refused at once, without waiting for the megabyte announced.
+    let mut anonymous = TcpStream::connect(server.addr).await.unwrap();
+    anonymous.write_all(head("").as_bytes()).await.unwrap();
+    let mut response = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), anonymous.read(&mut response))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let response = String::from_utf8_lossy(&response[..n]).to_string();
+    assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+    // A valid token with a body that never comes: 408 after the timeout.
+    let auth = format!("Authorization: Bearer {}\r\n", token("service_role", 60));
+    let mut stalled = TcpStream::connect(server.addr).await.unwrap();
+    stalled.write_all(head(&auth).as_bytes()).await.unwrap();
+    let mut response = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut response))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let response = String::from_utf8_lossy(&response[..n]).to_string();
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(response.contains("request body not received within 1s"), "{response}");
+}

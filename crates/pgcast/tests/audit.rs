@@ -176,3 +176,20 @@ async fn a_record_postgresql_refuses_is_written_sanitized_and_later_records_go_o
     assert_eq!((joins[2].1.as_deref(), joins[2].2), (Some("realtime:after"), false), "later records go on");
     assert!(metric(server.addr.port(), "pgcast_audit_sanitized_total").await >= 2.0);
 }
+
+#[tokio::test]
+async fn events_recorded_while_postgresql_is_down_are_written_when_it_is_back() {
+    let (mut pg, server) =
+        start_with("audit-outage", "CREATE TABLE visits (id int PRIMARY KEY)", &["visits"], |_| {}).await;
+    let user = token_with(json!({"role": "service_role", "sub": "during-outage"}), 600);
+    let mut client = Client::connect(server.addr, Some(&user), true).await;
+    pg.cluster.stop().await.expect("stop PostgreSQL");
+    // A join without bindings needs no query: it is decided and audited while the database is gone.
+    assert_eq!(client.join("realtime:while-down", json!([]), None).await["status"], "ok");
+    pg.cluster.start_server().await.expect("restart PostgreSQL");
+    let sql = pg.client().await;
+    let rows =
+        audit_rows(&sql, |rows| rows.iter().any(|r| r.1.as_deref() == Some("realtime:while-down"))).await;
+    let join = rows.iter().find(|r| r.1.as_deref() == Some("realtime:while-down")).unwrap();
+    assert_eq!((join.0.as_str(), join.2), ("join", false), "written as it was, once PostgreSQL was back");
+}
