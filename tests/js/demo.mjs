@@ -49,6 +49,14 @@ export function subscribed(channel) {
   });
 }
 
+/** Fails when a session of the server panicked (the server contains it, but it is a bug). */
+export async function assertNoSessionPanics(realtimeUrl) {
+  const { host } = new URL(realtimeUrl);
+  const metrics = await (await fetch(`http://${host}/metrics`)).text();
+  const line = metrics.split('\n').find((l) => l.startsWith('pgcast_session_panics_total '));
+  assert.equal(Number(line?.split(' ')[1] ?? 0), 0, 'no session panicked');
+}
+
 /** Starts `pgcast demo`; returns {info, db, client(vsn, apikey), token(claims), stop()}. */
 export async function startDemo({ policy } = {}) {
   const dataDir = mkdtempSync(join(tmpdir(), 'pgcast-js-'));
@@ -82,6 +90,7 @@ export async function startDemo({ policy } = {}) {
   const stop = async () => {
     await db.end();
     if (demo.exitCode === null) {
+      await assertNoSessionPanics(info.realtime_url);
       const exited = new Promise((res) => demo.on('exit', (code) => res(code)));
       demo.kill('SIGTERM');
       assert.equal(await exited, 0, 'pgcast demo shuts down cleanly on SIGTERM');

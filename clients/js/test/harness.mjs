@@ -58,6 +58,10 @@ export async function startDemo() {
     async stop() {
       await db.end();
       if (demo.exitCode === null) {
+        // A panicked session is contained by the server, but it is a bug: fail the test.
+        const metrics = await (await fetch(`http://${new URL(info.realtime_url).host}/metrics`)).text();
+        const line = metrics.split('\n').find((l) => l.startsWith('pgcast_session_panics_total '));
+        if (Number(line?.split(' ')[1] ?? 0) !== 0) throw new Error(`a session panicked: ${line}`);
         const exited = new Promise((res) => demo.on('exit', res));
         demo.kill('SIGTERM');
         await exited;

@@ -5,11 +5,14 @@
 //!   accepted (and after each response, while kept alive) to send a whole request head, the
 //!   WebSocket upgrade included; hyper closes it otherwise. Without it a socket sending one
 //!   header byte every half second, or nothing, was held until the file limit ran out.
-//! - **Connections still waiting to send one**: at most `max_pending_connections`; a connection
-//!   accepted past that is closed at once, and counted.
+//! - **Connections still waiting to send one**: at most `max_pending_connections`, and at most
+//!   `max_pending_connections_per_ip` from one address; a connection accepted past either is
+//!   closed at once, and counted.
 //!
 //! Routing, authentication and WebSocket sessions are not decided here (`http`, `session`).
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +22,7 @@ use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
 use crate::shutdown::Shutdown;
@@ -29,11 +32,57 @@ use crate::shutdown::Shutdown;
 pub struct Limits {
     pub header_timeout: Duration,
     pub max_pending: usize,
+    /// Per client address, so that one source cannot take every pending place and lock
+    /// everyone else out (a global bound alone would be a lever for exactly that).
+    pub max_pending_per_ip: usize,
+}
+
+/// The connections that have not yet sent a complete request head, in all and per address.
+struct Pending {
+    total: Arc<Semaphore>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    max_per_ip: usize,
+}
+
+/// One pending connection's place; given back when dropped.
+struct PendingSlot {
+    pending: Arc<Pending>,
+    ip: IpAddr,
+    _total: OwnedSemaphorePermit,
+}
+
+impl Pending {
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<PendingSlot, &'static str> {
+        let total = self.total.clone().try_acquire_owned().map_err(|_| "pending")?;
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let count = per_ip.entry(ip).or_insert(0);
+        if *count >= self.max_per_ip {
+            return Err("pending_per_ip");
+        }
+        *count += 1;
+        Ok(PendingSlot { pending: self.clone(), ip, _total: total })
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut per_ip = self.pending.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = per_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown`, then lets open requests finish.
 pub async fn serve(listener: TcpListener, app: Router, limits: Limits, mut shutdown: Shutdown) {
-    let pending = Arc::new(Semaphore::new(limits.max_pending));
+    let pending = Arc::new(Pending {
+        total: Arc::new(Semaphore::new(limits.max_pending)),
+        per_ip: Mutex::new(HashMap::new()),
+        max_per_ip: limits.max_pending_per_ip,
+    });
     // Each connection task holds a receiver; shutdown waits until all are gone.
     let (open_tx, open_rx) = watch::channel(());
     loop {
@@ -51,10 +100,13 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, mut shutd
                 continue;
             }
         };
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            metrics::counter!("pgcast_connections_refused_total", "reason" => "pending").increment(1);
-            tracing::debug!(peer = %peer, "too many connections without a complete request; closed");
-            continue;
+        let permit = match pending.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                metrics::counter!("pgcast_connections_refused_total", "reason" => reason).increment(1);
+                tracing::debug!(peer = %peer, reason, "too many connections without a complete request; closed");
+                continue;
+            }
         };
         // Sessions batch their writes themselves; Nagle's algorithm would hold a small frame
         // back until the client's delayed ACK (up to 40 ms on Linux).

@@ -29,7 +29,8 @@ pub const DEFAULT_JWT_NBF_LEEWAY_SECS: u64 = 5;
 pub const DEFAULT_AUTH_TIMEOUT_SECS: u64 = 10;
 pub const DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS: usize = 1000;
 pub const DEFAULT_HTTP_HEADER_TIMEOUT_SECS: u64 = 10;
-pub const DEFAULT_MAX_PENDING_CONNECTIONS: usize = 1000;
+pub const DEFAULT_MAX_PENDING_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_MAX_PENDING_CONNECTIONS_PER_IP: usize = 100;
 pub const DEFAULT_BROADCAST_HISTORY_MAX_BYTES: usize = 64 * 1024 * 1024;
 pub const DEFAULT_BROADCAST_HISTORY_TOPIC_MAX_BYTES: usize = 1024 * 1024;
 const MIN_JWT_SECRET_LEN: usize = 16;
@@ -94,6 +95,7 @@ struct FileConfig {
     max_unauthenticated_connections: Option<usize>,
     http_header_timeout_secs: Option<u64>,
     max_pending_connections: Option<usize>,
+    max_pending_connections_per_ip: Option<usize>,
     broadcast_history_max_bytes: Option<usize>,
     broadcast_history_topic_max_bytes: Option<usize>,
 }
@@ -142,6 +144,8 @@ pub struct Config {
     pub http_header_timeout: Duration,
     /// Connections that have not yet sent a complete request head; more are closed at accept.
     pub max_pending_connections: usize,
+    /// The same from one client address.
+    pub max_pending_connections_per_ip: usize,
     /// Bytes of broadcast payloads kept for resuming members, over all topics and per topic;
     /// the oldest are evicted first.
     pub broadcast_history: crate::broadcast::HistoryBudget,
@@ -173,6 +177,7 @@ impl std::fmt::Debug for Config {
             .field("max_unauthenticated_connections", &self.max_unauthenticated_connections)
             .field("http_header_timeout", &self.http_header_timeout)
             .field("max_pending_connections", &self.max_pending_connections)
+            .field("max_pending_connections_per_ip", &self.max_pending_connections_per_ip)
             .field("broadcast_history", &self.broadcast_history)
             .finish_non_exhaustive()
     }
@@ -324,9 +329,12 @@ impl Config {
             from_file.max_unauthenticated_connections.unwrap_or(DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS);
         let max_pending_connections =
             from_file.max_pending_connections.unwrap_or(DEFAULT_MAX_PENDING_CONNECTIONS);
+        let max_pending_connections_per_ip =
+            from_file.max_pending_connections_per_ip.unwrap_or(DEFAULT_MAX_PENDING_CONNECTIONS_PER_IP);
         for (key, value) in [
             ("max_unauthenticated_connections", max_unauthenticated_connections),
             ("max_pending_connections", max_pending_connections),
+            ("max_pending_connections_per_ip", max_pending_connections_per_ip),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid { key, message: "must be at least 1".into() });
@@ -372,6 +380,7 @@ impl Config {
             max_unauthenticated_connections,
             http_header_timeout: Duration::from_secs(http_header_timeout_secs),
             max_pending_connections,
+            max_pending_connections_per_ip,
             broadcast_history,
             panic_on_join_topic: None,
         })
@@ -442,6 +451,7 @@ mod tests {
             ("auth_timeout_secs = 0\n", "auth_timeout_secs"),
             ("http_header_timeout_secs = 0\n", "http_header_timeout_secs"),
             ("max_pending_connections = 0\n", "max_pending_connections"),
+            ("max_pending_connections_per_ip = 0\n", "max_pending_connections_per_ip"),
             ("max_unauthenticated_connections = 0\n", "max_unauthenticated_connections"),
             (
                 "broadcast_history_max_bytes = 10\nbroadcast_history_topic_max_bytes = 11\n",

@@ -312,6 +312,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let limits = crate::accept::Limits {
         header_timeout: state.config.http_header_timeout,
         max_pending: state.config.max_pending_connections,
+        max_pending_per_ip: state.config.max_pending_connections_per_ip,
     };
     let http = tokio::spawn(crate::accept::serve(listener, app, limits, shutdown.clone()));
     let keeper = if trigger_mode {

@@ -90,6 +90,38 @@ async fn connections_waiting_for_a_request_head_are_bounded() {
     assert_eq!(status, 200, "eight open WebSockets do not count as pending");
 }
 
+/// A TCP connection to `server` from the loopback address `source`.
+async fn connect_from(source: [u8; 4], server: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((std::net::Ipv4Addr::from(source), 0).into()).unwrap();
+    socket.connect(server).await.unwrap()
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_every_pending_place() {
+    let (_pg, server) = setup("pending-per-ip", |c| {
+        c.max_pending_connections_per_ip = 3;
+        c.http_header_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(connect_from([127, 0, 0, 2], server.addr).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = connect_from([127, 0, 0, 2], server.addr).await;
+    assert!(
+        closed_within(&mut fourth, Duration::from_secs(5)).await.is_some(),
+        "a fourth from one address was kept"
+    );
+    // Another address is served while the first one's places are taken.
+    let mut other = connect_from([127, 0, 0, 3], server.addr).await;
+    other.write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    other.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
+
 #[tokio::test]
 async fn a_websocket_without_a_valid_token_is_closed_after_the_auth_timeout() {
     let (_pg, server) = setup("auth-timeout", |c| c.auth_timeout = Duration::from_secs(1)).await;
