@@ -122,11 +122,14 @@ struct Topics {
 }
 
 impl Topics {
-    fn topic(&mut self, name: &str) -> &mut Topic {
+    /// `name`'s state, made if there is none (keyed by `shared` when the caller holds the name
+    /// in an `Arc` already: a channel on every connection should not copy its topic here).
+    fn topic(&mut self, name: &str, shared: Option<&Arc<str>>) -> &mut Topic {
         let start = self.high_water;
         // Looked up first: `entry` would need an owned key for every broadcast.
         if !self.map.contains_key(name) {
-            self.map.insert(Arc::from(name), Topic::new(start));
+            let key = shared.cloned().unwrap_or_else(|| Arc::from(name));
+            self.map.insert(key, Topic::new(start));
         }
         self.map.get_mut(name).expect("inserted above")
     }
@@ -183,7 +186,7 @@ impl Hub {
 
     pub fn join(&self, topic: &Arc<str>, member: Member) {
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
-        topics.topic(topic).members.insert(member.session.id, member);
+        topics.topic(topic, Some(topic)).members.insert(member.session.id, member);
     }
 
     /// Joins and returns what the member missed after broadcast `seq` of `epoch`, encoded for
@@ -197,7 +200,7 @@ impl Hub {
     ) -> Result<Vec<Message>, BroadcastResync> {
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
         let vsn = member.session.vsn;
-        let state = topics.topic(topic);
+        let state = topics.topic(topic, Some(topic));
         let can_read = member.can_read;
         state.members.insert(member.session.id, member);
         if epoch != self.epoch {
@@ -289,7 +292,7 @@ impl Hub {
         let topics = &mut *guard;
         let arrival = topics.next_arrival;
         topics.next_arrival += 1;
-        let state = topics.topic(topic);
+        let state = topics.topic(topic, None);
         state.seq += 1;
         let seq = state.seq;
         let recent = Recent { seq, arrival, event: Arc::from(event), payload, at: Instant::now() };

@@ -90,6 +90,10 @@ async fn websocket(
             }
         }
     };
+    // Recorded here rather than in the upgraded task, which would keep the identity's room
+    // for the connection's whole life.
+    state.audit.record(AuditEvent::new(Action::Connect).identity(identity.as_ref()).peer(Some(peer)));
+    drop(identity);
     let max = state.config.max_message_bytes;
     let guard = state.session_guard();
     upgrade
@@ -98,10 +102,10 @@ async fn websocket(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            state.audit.record(AuditEvent::new(Action::Connect).identity(identity.as_ref()).peer(Some(peer)));
-            drop(identity);
-            let session = Session::new(socket, state, peer, vsn, apikey, unauthenticated);
-            crate::session::supervise::run(session.id(), session.run()).await;
+            // One expression, no named locals: a local moved into the awaited future would
+            // still take its own room in this task for the connection's whole life.
+            crate::session::supervise::run(Session::new(socket, state, peer, vsn, apikey, unauthenticated))
+                .await;
             drop(guard);
         })
 }

@@ -363,21 +363,10 @@ impl Session {
             Ending::Close(code, reason) => {
                 tracing::info!(session = self.handle.id, code, reason = %reason, "closing client");
                 let frame = CloseFrame { code: *code, reason: reason.as_str().into() };
-                let socket = &mut self.socket;
-                let close = async move {
-                    socket.send(Message::Close(Some(frame))).await?;
-                    // RFC 6455 7.1.1: wait for the client's Close, discarding what it sent
-                    // before it. Closing a socket with unread bytes makes the kernel reset the
-                    // connection, and the reset can destroy the close frame (with its reason)
-                    // before the client reads it; a flooding client always has unread bytes.
-                    while let Some(Ok(message)) = socket.recv().await {
-                        if matches!(message, Message::Close(_)) {
-                            break;
-                        }
-                    }
-                    Ok::<(), axum::Error>(())
-                };
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+                // Boxed: its state would otherwise sit in every connection's task all its life.
+                let _ =
+                    tokio::time::timeout(CLOSE_TIMEOUT, Box::pin(close_handshake(&mut self.socket, frame)))
+                        .await;
             }
             Ending::ClosedByClient => {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.flush()).await;
@@ -1059,6 +1048,20 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Sends a Close frame and waits for the client's (RFC 6455 7.1.1), discarding what it sent
+/// before it. Closing a socket with unread bytes makes the kernel reset the connection, and the
+/// reset can destroy the close frame (with its reason) before the client reads it; a flooding
+/// client always has unread bytes.
+async fn close_handshake(socket: &mut WebSocket, frame: CloseFrame) -> Result<(), axum::Error> {
+    socket.send(Message::Close(Some(frame))).await?;
+    while let Some(Ok(message)) = socket.recv().await {
+        if matches!(message, Message::Close(_)) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Session {

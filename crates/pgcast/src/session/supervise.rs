@@ -12,10 +12,14 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
+use std::task::{Context, Poll};
 
 use futures_util::FutureExt;
+
+use super::Session;
 
 thread_local! {
     /// The session being polled on this thread (0: none).
@@ -32,19 +36,41 @@ pub fn panics_caught() -> u64 {
 /// Characters of a panic message logged: it may quote client-supplied text.
 const MESSAGE_CHARS: usize = 300;
 
-/// Runs `session` (the future of session `id`) to its end, catching a panic in it.
-pub async fn run(id: u64, session: impl Future<Output = ()>) {
+/// Runs `session` to its end, catching a panic in it.
+///
+/// A plain function returning a future, not an `async fn`: an `async fn` keeps its argument
+/// and the pinned copy in its state, and that state lives in every connection's task for the
+/// connection's whole life (measured: 4,096 bytes instead of 2,048, +2 KiB per connection).
+pub fn run(session: Session) -> impl Future<Output = ()> {
     install_hook();
-    let mut session = std::pin::pin!(session);
-    let polled = std::future::poll_fn(|cx| {
-        let _polling = Polling::enter(id);
-        session.as_mut().poll(cx)
-    });
+    let id = session.id();
+    let session = session.run();
     // Unwind safety: what the session shares with others (index, hub, presence) is behind
     // locks that recover from poisoning, and its own state is dropped with it.
-    if AssertUnwindSafe(polled).catch_unwind().await.is_err() {
-        CAUGHT.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("pgcast_session_panics_total").increment(1);
+    AssertUnwindSafe(Polled { id, session }).catch_unwind().map(|outcome| {
+        if outcome.is_err() {
+            CAUGHT.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("pgcast_session_panics_total").increment(1);
+        }
+    })
+}
+
+pin_project_lite::pin_project! {
+    /// A session's future that marks the thread as polling that session while it is polled.
+    struct Polled<F> {
+        id: u64,
+        #[pin]
+        session: F,
+    }
+}
+
+impl<F: Future> Future for Polled<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let _polling = Polling::enter(*this.id);
+        this.session.poll(cx)
     }
 }
 
