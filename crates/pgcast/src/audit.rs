@@ -227,9 +227,26 @@ pub async fn run_writer(mut rx: mpsc::Receiver<AuditEvent>, db: std::sync::Arc<D
     let mut pending: Vec<AuditEvent> = Vec::new();
     let mut retry = Duration::from_millis(200);
     loop {
-        let stopping = tokio::select! {
-            count = rx.recv_many(&mut pending, BATCH) => count == 0,
-            _ = shutdown.wait() => true,
+        let stopping = if pending.is_empty() {
+            tokio::select! {
+                count = rx.recv_many(&mut pending, BATCH) => count == 0,
+                _ = shutdown.wait() => true,
+            }
+        } else {
+            // Events wait for a retry (its backoff has run): write them now, with whatever else
+            // is queued, instead of waiting for the next event (which may never come).
+            let mut closed = false;
+            while pending.len() < BACKLOG {
+                match rx.try_recv() {
+                    Ok(event) => pending.push(event),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            closed || shutdown.is_triggered()
         };
         if stopping {
             // Take what is queued without waiting for more.
@@ -253,6 +270,7 @@ pub async fn run_writer(mut rx: mpsc::Receiver<AuditEvent>, db: std::sync::Arc<D
                     // waits for the retry.
                     pending.drain(..count);
                     tracing::warn!(error = %e, pending = pending.len(), "audit log write failed; retrying");
+                    metrics::counter!("pgcast_audit_write_failures_total").increment(1);
                     if pending.len() > BACKLOG {
                         let excess = pending.len() - BACKLOG;
                         pending.drain(..excess);

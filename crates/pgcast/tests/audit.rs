@@ -186,6 +186,13 @@ async fn events_recorded_while_postgresql_is_down_are_written_when_it_is_back() 
     pg.cluster.stop().await.expect("stop PostgreSQL");
     // A join without bindings needs no query: it is decided and audited while the database is gone.
     assert_eq!(client.join("realtime:while-down", json!([]), None).await["status"], "ok");
+    // The writer keeps retrying on its own (backoff 0.2, 0.4, 0.8 s...), with no later event to
+    // wake it: it used to wait for the next event before it tried again.
+    let deadline = Instant::now() + DEADLINE;
+    while metric(server.addr.port(), "pgcast_audit_write_failures_total").await < 3.0 {
+        assert!(Instant::now() < deadline, "the audit writer stopped retrying while PostgreSQL was down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     pg.cluster.start_server().await.expect("restart PostgreSQL");
     let sql = pg.client().await;
     let rows =
