@@ -188,13 +188,10 @@ async fn tables_command_adds_lists_and_removes() {
     assert_eq!(out.trim(), "");
 }
 
-#[tokio::test]
-async fn logs_are_json_lines_without_row_contents_or_tokens() {
-    use tokio::io::AsyncReadExt;
-    let pg = Pg::start("logs").await;
-    pg.publish(SCHEMA, &["visits"]).await;
+/// `pgcast serve` as a child process logging at debug level to a pipe; its port once ready.
+async fn serve_with_debug_logs(pg: &Pg) -> (tokio::process::Child, u16) {
     let port = free_port();
-    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcast"))
+    let server = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcast"))
         .arg("serve")
         .env("PGCAST_DATABASE_URL", pg.url())
         .env("PGCAST_LISTEN", format!("127.0.0.1:{port}"))
@@ -206,6 +203,24 @@ async fn logs_are_json_lines_without_row_contents_or_tokens() {
         .spawn()
         .expect("spawn");
     wait_ready(&format!("http://127.0.0.1:{port}")).await;
+    (server, port)
+}
+
+/// Stops the server with SIGTERM and returns everything it logged; it must exit cleanly.
+async fn stop_and_read_logs(mut server: tokio::process::Child) -> String {
+    use tokio::io::AsyncReadExt;
+    unsafe { libc::kill(server.id().unwrap() as i32, libc::SIGTERM) };
+    let mut stderr = String::new();
+    server.stderr.take().unwrap().read_to_string(&mut stderr).await.unwrap();
+    assert!(server.wait().await.unwrap().success(), "clean exit on SIGTERM");
+    stderr
+}
+
+#[tokio::test]
+async fn logs_are_json_lines_without_row_contents_or_tokens() {
+    let pg = Pg::start("logs").await;
+    pg.publish(SCHEMA, &["visits"]).await;
+    let (server, port) = serve_with_debug_logs(&pg).await;
     let service = token("service_role", 600);
     let mut client =
         Client::connect(format!("127.0.0.1:{port}").parse().unwrap(), Some(&service), true).await;
@@ -213,10 +228,7 @@ async fn logs_are_json_lines_without_row_contents_or_tokens() {
     client.join("realtime:bad", json!([]), Some("not-a-token")).await;
     pg.exec("INSERT INTO visits VALUES (1, 'PHI-diagnosis-do-not-log')").await;
     assert_eq!(client.changes(1, DEADLINE).await.len(), 1);
-    unsafe { libc::kill(server.id().unwrap() as i32, libc::SIGTERM) };
-    let mut stderr = String::new();
-    server.stderr.take().unwrap().read_to_string(&mut stderr).await.unwrap();
-    assert!(server.wait().await.unwrap().success(), "clean exit on SIGTERM");
+    let stderr = stop_and_read_logs(server).await;
     assert!(stderr.lines().count() > 3, "{stderr}");
     for line in stderr.lines() {
         serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
@@ -229,22 +241,9 @@ async fn logs_are_json_lines_without_row_contents_or_tokens() {
 
 #[tokio::test]
 async fn client_supplied_text_is_logged_and_audited_as_a_bounded_prefix() {
-    use tokio::io::AsyncReadExt;
     let pg = Pg::start("hostile-logs").await;
     pg.publish(SCHEMA, &["visits"]).await;
-    let port = free_port();
-    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcast"))
-        .arg("serve")
-        .env("PGCAST_DATABASE_URL", pg.url())
-        .env("PGCAST_LISTEN", format!("127.0.0.1:{port}"))
-        .env("PGCAST_JWT_SECRET", SECRET)
-        .env("PGCAST_CAPTURE", capture_name())
-        .env("PGCAST_LOG", "debug")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn");
-    wait_ready(&format!("http://127.0.0.1:{port}")).await;
+    let (server, port) = serve_with_debug_logs(&pg).await;
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
 
     // Tokenless joins of 200 KB topics, and topics with control characters (NUL among them).
@@ -307,10 +306,7 @@ async fn client_supplied_text_is_logged_and_audited_as_a_bounded_prefix() {
     );
     assert_ne!(leaked, Some(true), "a filter value reached the audit log");
 
-    unsafe { libc::kill(server.id().unwrap() as i32, libc::SIGTERM) };
-    let mut stderr = String::new();
-    server.stderr.take().unwrap().read_to_string(&mut stderr).await.unwrap();
-    assert!(server.wait().await.unwrap().success());
+    let stderr = stop_and_read_logs(server).await;
     let longest = stderr.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 2000, "a log line of {longest} bytes");
     assert!(stderr.len() < 100_000, "{} bytes of log for a few dozen frames", stderr.len());

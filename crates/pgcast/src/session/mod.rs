@@ -530,6 +530,11 @@ impl Session {
     /// `phoenix` topic; the connection stays open.
     async fn send_error_notice(&mut self, reason: &str) -> Result<(), axum::Error> {
         tracing::info!(session = self.handle.id, reason, "bad frame");
+        self.send_phoenix_error(reason).await
+    }
+
+    /// `phx_error` on the `phoenix` topic: for what concerns the connection, not a channel.
+    async fn send_phoenix_error(&mut self, reason: &str) -> Result<(), axum::Error> {
         let text = phoenix::encode(
             self.handle.vsn,
             None,
@@ -574,15 +579,7 @@ impl Session {
         }
         tracing::info!(session = self.handle.id, "rate limit exceeded; frames dropped");
         let reason = format!("rate limit exceeded: at most {rate} messages per second; frames are dropped");
-        let text = phoenix::encode(
-            self.handle.vsn,
-            None,
-            None,
-            "phoenix",
-            "phx_error",
-            &json!({ "reason": reason }),
-        );
-        self.send_text(text).await
+        self.send_phoenix_error(&reason).await
     }
 
     /// A frame that could not be read: `phx_error` with the reason.
