@@ -4,8 +4,6 @@
 //! what is wrong with the token without echoing it; tokens are never logged.
 //! Authorization (who may subscribe to what) is not decided here.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
@@ -176,9 +174,8 @@ pub fn sign(secret: &str, claims: &Value) -> Result<String, AuthError> {
         .map_err(|e| AuthError::Invalid(e.to_string()))
 }
 
-pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
+/// The clock token times are read against (`clock::now_secs`), where callers of `auth` expect it.
+pub use crate::clock::now_secs;
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,7 @@ use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::capture::value::write_json_string;
+use crate::json::write_string;
 use crate::protocol::phoenix::{self, Vsn};
 use crate::session::{Frames, Outbound, SessionHandle};
 
@@ -177,7 +177,7 @@ const ENCODING_JSON: u8 = 1;
 
 impl Hub {
     pub fn new(max_age: Duration, budget: HistoryBudget) -> Hub {
-        Hub { topics: RwLock::new(Topics::default()), epoch: crate::demo::random_secret(), max_age, budget }
+        Hub { topics: RwLock::new(Topics::default()), epoch: crate::random::hex_id(), max_age, budget }
     }
 
     pub fn epoch(&self) -> &str {
@@ -373,7 +373,7 @@ pub struct Stamp<'a> {
 impl Stamp<'_> {
     fn meta_json(&self) -> String {
         let mut meta = format!("{{\"seq\":{},\"epoch\":", self.seq);
-        write_json_string(self.epoch, &mut meta);
+        write_string(self.epoch, &mut meta);
         meta.push('}');
         meta
     }
@@ -404,7 +404,7 @@ pub fn encode_broadcast(
     }
     let Serialized::Json(json) = payload else { return None };
     let mut body = String::from("{\"type\":\"broadcast\",\"event\":");
-    write_json_string(event, &mut body);
+    write_string(event, &mut body);
     body.push_str(",\"payload\":");
     body.push_str(json);
     body.push_str(",\"meta\":");

@@ -37,16 +37,3 @@ pub async fn prepare(dir: &Path, pg_port: u16, publication_name: &str) -> Result
     }
     Ok(cluster)
 }
-
-/// 32 random hex characters from the OS.
-pub fn random_secret() -> String {
-    use std::io::Read;
-    let mut bytes = [0u8; 16];
-    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
-    if read.is_err() {
-        // No /dev/urandom: fall back to time and pid, still unique per run.
-        let seed = crate::server::now_micros() as u128 ^ ((std::process::id() as u128) << 64);
-        bytes = seed.to_le_bytes();
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}

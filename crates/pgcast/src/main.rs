@@ -193,7 +193,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let dir = std::path::absolute(&args.dir).context("resolving --dir")?;
     let mut cluster = pgcast::demo::prepare(&dir, args.pg_port, "pgcast").await?;
-    let secret = pgcast::demo::random_secret();
+    let secret = pgcast::random::hex_id();
     let policy = match args.policy {
         Some(path) => path,
         None => {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::{mpsc, Notify};
@@ -256,7 +256,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     };
     let mut restored = History::new(epoch, config.retention, history_start);
     for tx in retained {
-        restored.append(Arc::new(tx), now_micros(), &progress);
+        restored.append(Arc::new(tx), crate::clock::now_micros(), &progress);
     }
     let history = Arc::new(tokio::sync::Mutex::new(restored));
     let index = Arc::new(RwLock::new(Index::default()));
@@ -461,8 +461,4 @@ pub async fn wait_for_signal() {
     {
         let _ = ctrl_c.await;
     }
-}
-
-pub fn now_micros() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }

@@ -152,7 +152,7 @@ async fn a_stalled_client_is_cut_off_while_the_others_latency_holds() {
                     _ = stop.notified() => break,
                 };
                 let Some(Ok(Message::Text(text))) = frame else { break };
-                let now = pgcast::server::now_micros();
+                let now = pgcast::clock::now_micros();
                 if let (Some(id), Some(sent)) = (field(&text, "id"), field(&text, "sent_us")) {
                     samples.push((id, now - sent));
                     count.store(samples.len() as i64, std::sync::atomic::Ordering::Relaxed);

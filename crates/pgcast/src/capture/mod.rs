@@ -18,7 +18,8 @@ pub mod value;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use value::{write_json_string, ValueKind};
+use crate::json::write_string;
+use value::ValueKind;
 
 /// A PostgreSQL WAL position.
 pub type Lsn = u64;
@@ -135,7 +136,7 @@ impl Row {
                 out.push(',');
             }
             first = false;
-            write_json_string(&column.name, out);
+            write_string(&column.name, out);
             out.push(':');
             match value {
                 Value::Null => out.push_str("null"),

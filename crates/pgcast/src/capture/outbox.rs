@@ -173,7 +173,7 @@ pub async fn start(db: &Db, catalog: &Catalog) -> Result<Start, DbError> {
     {
         Some(row) => row.get(0),
         None => {
-            let epoch = crate::demo::random_secret();
+            let epoch = crate::random::hex_id();
             client
                 .execute("INSERT INTO pgcast.history_epoch (slot, epoch) VALUES ('outbox', $1)", &[&epoch])
                 .await?;

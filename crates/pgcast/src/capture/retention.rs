@@ -85,7 +85,7 @@ pub async fn rebuild(
     {
         Some(row) => row.get(0),
         None => {
-            let epoch = crate::demo::random_secret();
+            let epoch = crate::random::hex_id();
             client
                 .execute(
                     "INSERT INTO pgcast.history_epoch (slot, epoch) VALUES ($1, $2)",

@@ -4,7 +4,8 @@
 //! This module knows value formats only; it does not know tables, filters or subscribers.
 
 use std::cmp::Ordering;
-use std::fmt::Write as _;
+
+use crate::json::write_string;
 
 /// How values of one PostgreSQL type are rendered and compared. Derived from `pg_type` once per
 /// type (see [`crate::capture::catalog`]).
@@ -80,7 +81,7 @@ impl ValueKind {
         match self {
             ValueKind::Integer => out.push_str(text),
             ValueKind::Float | ValueKind::Numeric => match text {
-                "NaN" | "Infinity" | "-Infinity" => write_json_string(text, out),
+                "NaN" | "Infinity" | "-Infinity" => write_string(text, out),
                 _ if *self == ValueKind::Float => write_float(text, out),
                 _ => out.push_str(text),
             },
@@ -89,7 +90,7 @@ impl ValueKind {
             ValueKind::Json => out.push_str(text),
             ValueKind::TimestampTz => write_iso_timestamp(text, true, out),
             ValueKind::Timestamp => write_iso_timestamp(text, false, out),
-            ValueKind::Uuid | ValueKind::Text => write_json_string(text, out),
+            ValueKind::Uuid | ValueKind::Text => write_string(text, out),
             ValueKind::Array(element) => write_array(text, element, out),
         }
     }
@@ -124,33 +125,6 @@ impl Scalar {
     }
 }
 
-/// Appends `s` as a JSON string literal.
-pub fn write_json_string(s: &str, out: &mut String) {
-    out.push('"');
-    let mut start = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let escape: Option<&str> = match b {
-            b'"' => Some("\\\""),
-            b'\\' => Some("\\\\"),
-            b'\n' => Some("\\n"),
-            b'\r' => Some("\\r"),
-            b'\t' => Some("\\t"),
-            0x00..=0x1f => None,
-            _ => continue,
-        };
-        out.push_str(&s[start..i]);
-        match escape {
-            Some(e) => out.push_str(e),
-            None => {
-                let _ = write!(out, "\\u{b:04x}");
-            }
-        }
-        start = i + 1;
-    }
-    out.push_str(&s[start..]);
-    out.push('"');
-}
-
 /// `2024-01-02 03:04:05.5+05:30` -> `"2024-01-02T03:04:05.5+05:30"`, `+00` -> `+00:00`, and
 /// `4713-01-01 00:00:00+00 BC` -> `"4713-01-01T00:00:00+00:00 BC"`, as `to_jsonb` does.
 /// `infinity` and `-infinity` pass through as strings.
@@ -160,7 +134,7 @@ fn write_iso_timestamp(text: &str, with_zone: bool, out: &mut String) {
         None => (text, ""),
     };
     let Some(space) = core.find(' ') else {
-        write_json_string(text, out);
+        write_string(text, out);
         return;
     };
     out.push('"');
@@ -193,7 +167,7 @@ fn write_float(text: &str, out: &mut String) {
     };
     let Ok(exponent) = exponent.parse::<i64>() else {
         // Not PostgreSQL float output; keep it valid JSON.
-        write_json_string(text, out);
+        write_string(text, out);
         return;
     };
     let (sign, mantissa) = match mantissa.strip_prefix('-') {
@@ -203,7 +177,7 @@ fn write_float(text: &str, out: &mut String) {
     let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let digits: String = whole.chars().chain(fraction.chars()).collect();
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        write_json_string(text, out);
+        write_string(text, out);
         return;
     }
     // Where the decimal point falls in `digits` once the exponent is applied.
@@ -328,7 +302,7 @@ fn write_array(text: &str, element: &ValueKind, out: &mut String) {
     let mark = out.len();
     if parse_array(body.as_bytes(), &mut 0, element, out).is_none() {
         out.truncate(mark);
-        write_json_string(text, out);
+        write_string(text, out);
     }
 }
 

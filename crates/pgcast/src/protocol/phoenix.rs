@@ -7,7 +7,7 @@
 
 use serde_json::Value;
 
-use crate::capture::value::write_json_string;
+use crate::json::write_string;
 
 /// The serializer a connection negotiated with `?vsn=`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -109,15 +109,15 @@ pub fn encode_raw(
 ) -> String {
     let mut out = String::with_capacity(payload_json.len() + topic.len() + event.len() + 64);
     let write_opt = |value: Option<&str>, out: &mut String| match value {
-        Some(v) => write_json_string(v, out),
+        Some(v) => write_string(v, out),
         None => out.push_str("null"),
     };
     match vsn {
         Vsn::V1 => {
             out.push_str("{\"topic\":");
-            write_json_string(topic, &mut out);
+            write_string(topic, &mut out);
             out.push_str(",\"event\":");
-            write_json_string(event, &mut out);
+            write_string(event, &mut out);
             out.push_str(",\"payload\":");
             out.push_str(payload_json);
             out.push_str(",\"ref\":");
@@ -132,9 +132,9 @@ pub fn encode_raw(
             out.push(',');
             write_opt(msg_ref, &mut out);
             out.push(',');
-            write_json_string(topic, &mut out);
+            write_string(topic, &mut out);
             out.push(',');
-            write_json_string(event, &mut out);
+            write_string(event, &mut out);
             out.push(',');
             out.push_str(payload_json);
             out.push(']');

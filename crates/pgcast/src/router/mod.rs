@@ -53,13 +53,13 @@ pub async fn run(
                 None => return,
             },
             _ = prune.tick() => {
-                history.lock().await.prune(crate::server::now_micros(), &progress);
+                history.lock().await.prune(crate::clock::now_micros(), &progress);
                 continue;
             }
         };
         let mut history = history.lock().await;
         // A transaction streamed again after a reconnect was already routed by this server.
-        let now = crate::server::now_micros();
+        let now = crate::clock::now_micros();
         let new = history.append(tx.clone(), now, &progress);
         if new {
             commit_to_route.record((now - tx.commit_time_micros).max(0) as f64 / 1e6);

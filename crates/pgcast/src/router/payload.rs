@@ -6,8 +6,8 @@
 
 use std::fmt::Write;
 
-use crate::capture::value::write_json_string;
 use crate::capture::{Change, ChangeKind, Column, Transaction, Value};
+use crate::json::write_string;
 
 use super::policy::{Shape, ShapeSpec};
 use crate::log::Position;
@@ -54,9 +54,9 @@ pub fn change_data(
     let kind = if left_view { ChangeKind::Delete } else { change.kind };
     let mut out = String::with_capacity(256);
     out.push_str("{\"schema\":");
-    write_json_string(&relation.schema, &mut out);
+    write_string(&relation.schema, &mut out);
     out.push_str(",\"table\":");
-    write_json_string(&relation.name, &mut out);
+    write_string(&relation.name, &mut out);
     out.push_str(",\"commit_timestamp\":\"");
     out.push_str(&format_utc_micros(tx.commit_time_micros));
     out.push_str("\",\"type\":\"");
@@ -69,9 +69,9 @@ pub fn change_data(
         }
         first = false;
         out.push_str("{\"name\":");
-        write_json_string(&column.name, &mut out);
+        write_string(&column.name, &mut out);
         out.push_str(",\"type\":");
-        write_json_string(&column.type_name, &mut out);
+        write_string(&column.type_name, &mut out);
         out.push('}');
     }
     out.push(']');
@@ -109,7 +109,7 @@ pub fn change_data(
                     out.push(',');
                 }
                 first = false;
-                write_json_string(&column.name, &mut out);
+                write_string(&column.name, &mut out);
             }
             out.push(']');
         }
@@ -130,14 +130,14 @@ pub fn change_data(
             if i > 0 {
                 out.push(',');
             }
-            write_json_string(name, &mut out);
+            write_string(name, &mut out);
         }
         out.push(']');
     }
     out.push_str(",\"pgcast\":{\"position\":\"");
     out.push_str(&position.to_string());
     out.push_str("\",\"epoch\":");
-    write_json_string(epoch, &mut out);
+    write_string(epoch, &mut out);
     out.push_str("},\"errors\":null}");
     out
 }

@@ -63,7 +63,7 @@ impl Session {
             let reason = format!("not allowed to track presence on channel {:?}", channel_name(&frame.topic));
             return self.reply_error(&frame, reason).await;
         }
-        let key = channel.presence_key.get_or_insert_with(|| crate::demo::random_secret().into()).to_string();
+        let key = channel.presence_key.get_or_insert_with(|| crate::random::hex_id().into()).to_string();
         match frame.payload.get("event").and_then(Value::as_str) {
             Some("track") => {
                 let meta = match frame.payload.get("payload") {

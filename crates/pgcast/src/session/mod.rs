@@ -499,7 +499,7 @@ impl Session {
         let meters = write_meters();
         meters.sent.increment(count as u64);
         if oldest > 0 {
-            let now = crate::server::now_micros();
+            let now = crate::clock::now_micros();
             meters.commit_to_send.record((now - oldest).max(0) as f64 / 1e6);
         }
         Ok(())
