@@ -23,15 +23,10 @@ fn spawn(pg_url: &str, port: u16, capture: &str) -> Child {
     let config = test_dir(&format!("nothinglost-config-{capture}-{port}"));
     std::fs::create_dir_all(&config).unwrap();
     std::fs::write(config.join("pgcast.toml"), "history_max_changes = 50000\n").unwrap();
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcast"))
-        .arg("serve")
+    serve_command(pg_url, port)
         .env("PGCAST_CONFIG", config.join("pgcast.toml"))
-        .env("PGCAST_DATABASE_URL", pg_url)
-        .env("PGCAST_LISTEN", format!("127.0.0.1:{port}"))
-        .env("PGCAST_JWT_SECRET", SECRET)
         .env("PGCAST_CAPTURE", capture)
         .env("PGCAST_LOG", std::env::var("NOTHING_LOST_LOG").unwrap_or("error".into()))
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn pgcast")
 }

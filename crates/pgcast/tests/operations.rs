@@ -191,15 +191,9 @@ async fn tables_command_adds_lists_and_removes() {
 /// `pgcast serve` as a child process logging at debug level to a pipe; its port once ready.
 async fn serve_with_debug_logs(pg: &Pg) -> (tokio::process::Child, u16) {
     let port = free_port();
-    let server = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcast"))
-        .arg("serve")
-        .env("PGCAST_DATABASE_URL", pg.url())
-        .env("PGCAST_LISTEN", format!("127.0.0.1:{port}"))
-        .env("PGCAST_JWT_SECRET", SECRET)
-        .env("PGCAST_CAPTURE", capture_name())
+    let server = serve_command(&pg.url(), port)
         .env("PGCAST_LOG", "debug")
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn");
     wait_ready(&format!("http://127.0.0.1:{port}")).await;

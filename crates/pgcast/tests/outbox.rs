@@ -170,18 +170,7 @@ async fn trigger_mode_resumes_across_a_killed_server_with_changes_made_while_it_
     pg.exec(SCHEMA).await;
     capture(&pg).await;
     let port = free_port();
-    let spawn = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcast"))
-            .arg("serve")
-            .env("PGCAST_DATABASE_URL", pg.url())
-            .env("PGCAST_LISTEN", format!("127.0.0.1:{port}"))
-            .env("PGCAST_JWT_SECRET", SECRET)
-            .env("PGCAST_CAPTURE", "trigger")
-            .env("PGCAST_LOG", "warn")
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn")
-    };
+    let spawn = || serve_command(&pg.url(), port).env("PGCAST_CAPTURE", "trigger").spawn().expect("spawn");
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut server = spawn();
     wait_ready(&format!("http://{addr}")).await;

@@ -11,19 +11,15 @@ use pgcast::capture::catalog::TypeCatalog;
 use pgcast::capture::decode::{Decoded, Decoder};
 use pgcast::capture::{ChangeKind, Value};
 use serde_json::json;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 const SCHEMA: &str = "CREATE TABLE ticks (id bigint PRIMARY KEY, at timestamptz DEFAULT now());";
 
 fn spawn_server(pg: &Pg, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_pgcast"))
-        .arg("serve")
-        .env("PGCAST_DATABASE_URL", pg.url())
-        .env("PGCAST_LISTEN", format!("127.0.0.1:{port}"))
-        .env("PGCAST_JWT_SECRET", SECRET)
-        .env("PGCAST_LOG", "warn")
+    // Replication only: the test kills the server to see what the slot kept.
+    serve_command(&pg.url(), port)
+        .env("PGCAST_CAPTURE", "replication")
         .stdout(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn pgcast")
 }

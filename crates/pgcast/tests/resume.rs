@@ -159,14 +159,7 @@ async fn a_position_older_than_the_history_or_another_epoch_gets_resync_required
 }
 
 fn spawn_server(pg: &Pg, port: u16, config_file: Option<&std::path::Path>) -> tokio::process::Child {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcast"));
-    cmd.arg("serve")
-        .env("PGCAST_DATABASE_URL", pg.url())
-        .env("PGCAST_LISTEN", format!("127.0.0.1:{port}"))
-        .env("PGCAST_JWT_SECRET", SECRET)
-        .env("PGCAST_CAPTURE", capture_name())
-        .env("PGCAST_LOG", "warn")
-        .kill_on_drop(true);
+    let mut cmd = serve_command(&pg.url(), port);
     if let Some(path) = config_file {
         cmd.env("PGCAST_CONFIG", path);
     }

@@ -179,6 +179,23 @@ pub async fn start_with(
     (pg, start_server(config).await)
 }
 
+/// `pgcast serve` as a child process (the binary these tests were built with) on `port`, for
+/// tests that kill, restart or read the logs of a real process: the suite's capture mode,
+/// warnings only, killed when dropped. Callers add or override settings before `spawn()`
+/// (`.env("PGCAST_LOG", "debug")`, `.env("PGCAST_CONFIG", path)`, `.stderr(...)`).
+pub fn serve_command(database_url: &str, port: u16) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcast"));
+    command
+        .arg("serve")
+        .env("PGCAST_DATABASE_URL", database_url)
+        .env("PGCAST_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PGCAST_JWT_SECRET", SECRET)
+        .env("PGCAST_CAPTURE", capture_name())
+        .env("PGCAST_LOG", "warn")
+        .kill_on_drop(true);
+    command
+}
+
 pub async fn start_server(config: Config) -> RunningServer {
     let server = pgcast::server::start(config).await.expect("start server");
     wait_ready(&format!("http://{}", server.addr)).await;
