@@ -1,20 +1,19 @@
 //! Channel membership and client-to-channel broadcast (Supabase Realtime's `broadcast`).
 //!
 //! The [`Hub`] knows, per topic, which sessions joined and whether they may receive; a
-//! broadcast is serialized once per serializer and the shared bytes go to every receiving
-//! member's bounded queue (vsn 2.0.0 members get realtime-js's binary user-broadcast frame).
+//! broadcast's payload is serialized once, encoded once per wire format (`protocol`), and the
+//! shared bytes go to every receiving member's bounded queue.
 //! Presence state lives in `presence`; postgres_changes never pass through here.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{Message, Utf8Bytes};
+use axum::extract::ws::Message;
 use bytes::Bytes;
-use serde_json::Value;
 
-use crate::json::write_string;
-use crate::protocol::phoenix::{self, Vsn};
+pub use crate::protocol::BroadcastPayload;
+use crate::protocol::{self, Body, PerWire};
 use crate::session::{Frames, Outbound, SessionHandle};
 
 /// A member's standing on one topic.
@@ -25,13 +24,6 @@ pub struct Member {
     pub can_read: bool,
     /// `config.broadcast.self`: receives its own broadcasts.
     pub receive_own: bool,
-}
-
-/// A broadcast's user payload as it arrived: JSON, or bytes from a binary frame.
-#[derive(Debug, Clone)]
-pub enum BroadcastPayload {
-    Json(Value),
-    Binary(Bytes),
 }
 
 /// A payload serialized once, for every member's frame and for the history: JSON text takes
@@ -54,6 +46,13 @@ impl Serialized {
         match self {
             Serialized::Json(text) => text.len(),
             Serialized::Binary(bytes) => bytes.len(),
+        }
+    }
+
+    fn body(&self) -> Body<'_> {
+        match self {
+            Serialized::Json(text) => Body::Json(text),
+            Serialized::Binary(bytes) => Body::Binary(bytes),
         }
     }
 }
@@ -169,12 +168,6 @@ pub enum BroadcastResync {
     TooOld(u64),
 }
 
-/// realtime-js binary frame kinds (lib/serializer.js).
-pub const KIND_USER_BROADCAST_PUSH: u8 = 3;
-pub const KIND_USER_BROADCAST: u8 = 4;
-const ENCODING_BINARY: u8 = 0;
-const ENCODING_JSON: u8 = 1;
-
 impl Hub {
     pub fn new(max_age: Duration, budget: HistoryBudget) -> Hub {
         Hub { topics: RwLock::new(Topics::default()), epoch: crate::random::hex_id(), max_age, budget }
@@ -199,7 +192,7 @@ impl Hub {
         epoch: &str,
     ) -> Result<Vec<Message>, BroadcastResync> {
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
-        let vsn = member.session.vsn;
+        let wire = member.session.wire;
         let state = topics.topic(topic, Some(topic));
         let can_read = member.can_read;
         state.members.insert(member.session.id, member);
@@ -212,12 +205,11 @@ impl Hub {
         if !can_read {
             return Ok(Vec::new());
         }
-        let stamp = |r: &Recent| Stamp { seq: r.seq, epoch: &self.epoch };
         Ok(state
             .recent
             .iter()
             .filter(|r| r.seq > seq)
-            .filter_map(|r| encode_broadcast(vsn, topic, &r.event, &r.payload, stamp(r)))
+            .filter_map(|r| protocol::broadcast(wire, topic, &r.event, r.payload.body(), r.seq, &self.epoch))
             .collect())
     }
 
@@ -306,37 +298,28 @@ impl Hub {
             let name = topics.map.get_key_value(topic).expect("made above").0.clone();
             topics.oldest.insert(arrival, name);
         }
-        let delivered = Self::deliver(topics, topic, sender, Stamp { seq, epoch: &self.epoch });
+        let delivered = Self::deliver(topics, topic, sender, seq, &self.epoch);
         self.evict_past_budget(topics, topic);
         metrics::counter!("pgcast_broadcasts_total").increment(1);
         metrics::counter!("pgcast_broadcast_deliveries_total").increment(delivered as u64);
         delivered
     }
 
-    /// Queues `topic`'s newest broadcast for every reader, encoded once per serializer.
-    fn deliver(topics: &Topics, topic: &str, sender: Option<u64>, stamp: Stamp<'_>) -> usize {
+    /// Queues `topic`'s newest broadcast for every reader, encoded once per wire format.
+    fn deliver(topics: &Topics, topic: &str, sender: Option<u64>, seq: u64, epoch: &str) -> usize {
         let Some(state) = topics.map.get(topic) else { return 0 };
         let Some(recent) = state.recent.back() else { return 0 };
-        let mut encoded: [Option<Message>; 2] = [None, None];
+        let mut encoded = PerWire::default();
         let mut delivered = 0;
         for member in state.members.values() {
             if !member.can_read || (Some(member.session.id) == sender && !member.receive_own) {
                 continue;
             }
-            let slot = usize::from(member.session.vsn == Vsn::V2);
-            let message = match &encoded[slot] {
-                Some(message) => message.clone(),
-                None => {
-                    let vsn = member.session.vsn;
-                    let Some(message) = encode_broadcast(vsn, topic, &recent.event, &recent.payload, stamp)
-                    else {
-                        // Binary payloads cannot be carried by the JSON-object serializer.
-                        continue;
-                    };
-                    encoded[slot] = Some(message.clone());
-                    message
-                }
-            };
+            let message = encoded.get_or_encode(member.session.wire, |wire| {
+                protocol::broadcast(wire, topic, &recent.event, recent.payload.body(), seq, epoch)
+            });
+            // None: this member's format cannot carry the payload (binary to JSON-only).
+            let Some(message) = message else { continue };
             if member.session.deliver(Outbound { frames: Frames::One(message), commit_time_micros: 0 }) {
                 delivered += 1;
             }
@@ -363,119 +346,10 @@ impl Hub {
     }
 }
 
-/// A broadcast's place on its topic: realtime-js shows it as the message's `meta`.
-#[derive(Debug, Clone, Copy)]
-pub struct Stamp<'a> {
-    pub seq: u64,
-    pub epoch: &'a str,
-}
-
-impl Stamp<'_> {
-    fn meta_json(&self) -> String {
-        let mut meta = format!("{{\"seq\":{},\"epoch\":", self.seq);
-        write_string(self.epoch, &mut meta);
-        meta.push('}');
-        meta
-    }
-}
-
-/// The frame a member receives: JSON `broadcast` for vsn 1.0.0, the binary user-broadcast frame
-/// for vsn 2.0.0 (JSON when the topic or event is too long for its one-byte lengths).
-pub fn encode_broadcast(
-    vsn: Vsn,
-    topic: &str,
-    event: &str,
-    payload: &Serialized,
-    stamp: Stamp<'_>,
-) -> Option<Message> {
-    let meta = stamp.meta_json();
-    if vsn == Vsn::V2 && topic.len() <= 255 && event.len() <= 255 && meta.len() <= 255 {
-        let (encoding, body): (u8, &[u8]) = match payload {
-            Serialized::Json(text) => (ENCODING_JSON, text.as_bytes()),
-            Serialized::Binary(bytes) => (ENCODING_BINARY, bytes),
-        };
-        let mut frame = Vec::with_capacity(5 + topic.len() + event.len() + meta.len() + body.len());
-        frame.extend([KIND_USER_BROADCAST, topic.len() as u8, event.len() as u8, meta.len() as u8, encoding]);
-        frame.extend(topic.as_bytes());
-        frame.extend(event.as_bytes());
-        frame.extend(meta.as_bytes());
-        frame.extend(body);
-        return Some(Message::Binary(frame.into()));
-    }
-    let Serialized::Json(json) = payload else { return None };
-    let mut body = String::from("{\"type\":\"broadcast\",\"event\":");
-    write_string(event, &mut body);
-    body.push_str(",\"payload\":");
-    body.push_str(json);
-    body.push_str(",\"meta\":");
-    body.push_str(&meta);
-    body.push('}');
-    let text: Utf8Bytes = phoenix::encode_raw(vsn, None, None, topic, "broadcast", &body).into();
-    Some(Message::Text(text))
-}
-
-/// A client's binary user-broadcast push (kind 3).
-#[derive(Debug, PartialEq)]
-pub struct BinaryPush {
-    pub join_ref: Option<String>,
-    pub msg_ref: Option<String>,
-    pub topic: String,
-    pub event: String,
-    pub payload: BroadcastPayload,
-}
-
-impl PartialEq for BroadcastPayload {
-    fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            (BroadcastPayload::Json(a), BroadcastPayload::Json(b)) => a == b,
-            (BroadcastPayload::Binary(a), BroadcastPayload::Binary(b)) => a == b,
-            _ => false,
-        }
-    }
-}
-
-/// Decodes `[3, join_ref_len, ref_len, topic_len, event_len, meta_len, encoding, ...]`.
-pub fn decode_binary_push(frame: &[u8]) -> Result<BinaryPush, String> {
-    let header = frame.get(..7).ok_or("binary frame shorter than its 7-byte header")?;
-    if header[0] != KIND_USER_BROADCAST_PUSH {
-        return Err(format!("unsupported binary frame kind {}", header[0]));
-    }
-    let lengths = [header[1], header[2], header[3], header[4], header[5]].map(usize::from);
-    let mut offset = 7;
-    let mut fields = Vec::with_capacity(5);
-    for len in lengths {
-        let bytes = frame.get(offset..offset + len).ok_or("binary frame truncated")?;
-        fields.push(std::str::from_utf8(bytes).map_err(|_| "binary frame field is not UTF-8")?.to_string());
-        offset += len;
-    }
-    let body = &frame[offset..];
-    let payload = match header[6] {
-        ENCODING_BINARY => BroadcastPayload::Binary(Bytes::copy_from_slice(body)),
-        ENCODING_JSON => BroadcastPayload::Json(
-            serde_json::from_slice(body).map_err(|e| format!("binary frame JSON payload: {e}"))?,
-        ),
-        other => return Err(format!("unknown payload encoding {other}")),
-    };
-    let non_empty = |s: &String| (!s.is_empty()).then(|| s.clone());
-    Ok(BinaryPush {
-        join_ref: non_empty(&fields[0]),
-        msg_ref: non_empty(&fields[1]),
-        topic: fields[2].clone(),
-        event: fields[3].clone(),
-        payload,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    const STAMP: Stamp<'static> = Stamp { seq: 7, epoch: "e" };
-
-    fn json_payload(value: Value) -> Serialized {
-        Serialized::new(&BroadcastPayload::Json(value))
-    }
+    use serde_json::Value;
 
     const KIB: usize = 1024;
 
@@ -572,59 +446,5 @@ mod tests {
             Err(BroadcastResync::Epoch(shown)) => assert!(shown.len() < 100, "the epoch is clipped"),
             other => panic!("expected an epoch mismatch, got {other:?}"),
         }
-    }
-
-    fn push(payload_encoding: u8, body: &[u8]) -> Vec<u8> {
-        let (join_ref, msg_ref, topic, event) = ("1", "2", "realtime:room", "cursor");
-        let mut frame = vec![3, 1, 1, topic.len() as u8, event.len() as u8, 0, payload_encoding];
-        frame.extend(join_ref.bytes().chain(msg_ref.bytes()).chain(topic.bytes()).chain(event.bytes()));
-        frame.extend(body);
-        frame
-    }
-
-    #[test]
-    fn binary_pushes_decode_with_json_or_binary_payloads() {
-        let decoded = decode_binary_push(&push(1, br#"{"x":1}"#)).unwrap();
-        assert_eq!(decoded.topic, "realtime:room");
-        assert_eq!(decoded.event, "cursor");
-        assert_eq!(decoded.msg_ref.as_deref(), Some("2"));
-        assert_eq!(decoded.payload, BroadcastPayload::Json(json!({"x": 1})));
-        let decoded = decode_binary_push(&push(0, &[0, 159, 146])).unwrap();
-        assert_eq!(decoded.payload, BroadcastPayload::Binary(Bytes::from_static(&[0, 159, 146])));
-    }
-
-    #[test]
-    fn malformed_binary_pushes_are_errors() {
-        assert!(decode_binary_push(&[3, 1]).is_err());
-        assert!(decode_binary_push(&[9, 0, 0, 0, 0, 0, 1]).unwrap_err().contains("kind 9"));
-        assert!(decode_binary_push(&[3, 200, 0, 0, 0, 0, 1]).unwrap_err().contains("truncated"));
-        assert!(decode_binary_push(&push(1, b"{nope")).is_err());
-        assert!(decode_binary_push(&push(7, b"")).unwrap_err().contains("encoding 7"));
-    }
-
-    #[test]
-    fn v2_members_get_the_binary_user_broadcast_frame() {
-        let Some(Message::Binary(frame)) =
-            encode_broadcast(Vsn::V2, "realtime:r", "ev", &json_payload(json!({"a": 1})), STAMP)
-        else {
-            panic!("binary frame expected")
-        };
-        let meta = br#"{"seq":7,"epoch":"e"}"#;
-        assert_eq!(&frame[..5], &[4, 10, 2, meta.len() as u8, 1]);
-        assert_eq!(&frame[5..15], b"realtime:r");
-        assert_eq!(&frame[15..17], b"ev");
-        assert_eq!(&frame[17..17 + meta.len()], meta);
-        assert_eq!(&frame[17 + meta.len()..], br#"{"a":1}"#);
-        let Some(Message::Text(text)) =
-            encode_broadcast(Vsn::V1, "realtime:r", "ev", &json_payload(json!({"a": 1})), STAMP)
-        else {
-            panic!("text frame expected")
-        };
-        let v: Value = serde_json::from_str(text.as_str()).unwrap();
-        assert_eq!(
-            v["payload"],
-            json!({"type": "broadcast", "event": "ev", "payload": {"a": 1}, "meta": {"seq": 7, "epoch": "e"}})
-        );
-        assert!(encode_broadcast(Vsn::V1, "t", "e", &Serialized::Binary(Bytes::new()), STAMP).is_none());
     }
 }

@@ -18,10 +18,11 @@ use serde_json::json;
 
 use crate::audit::{Action, AuditEvent};
 use crate::auth::{Claims, SERVICE_ROLE};
-use crate::broadcast::BroadcastPayload;
 use crate::capture::format_lsn;
 use crate::config::CaptureMode;
 use crate::protocol::phoenix::Vsn;
+use crate::protocol::BroadcastPayload;
+use crate::protocol::Wire;
 use crate::server::{update_gauges, AppState};
 use crate::session::{Session, Unauthenticated};
 
@@ -55,8 +56,8 @@ async fn websocket(
     if state.is_stopping() {
         return (StatusCode::SERVICE_UNAVAILABLE, "server shutting down").into_response();
     }
-    let vsn = match Vsn::parse(params.get("vsn").map(String::as_str)) {
-        Ok(vsn) => vsn,
+    let wire = match Vsn::parse(params.get("vsn").map(String::as_str)) {
+        Ok(vsn) => Wire::from(vsn),
         Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
     };
     // A given apikey is checked now, as Supabase does: an invalid one gets 401 with a JSON
@@ -104,7 +105,7 @@ async fn websocket(
         .on_upgrade(move |socket| async move {
             // One expression, no named locals: a local moved into the awaited future would
             // still take its own room in this task for the connection's whole life.
-            crate::session::supervise::run(Session::new(socket, state, peer, vsn, apikey, unauthenticated))
+            crate::session::supervise::run(Session::new(socket, state, peer, wire, apikey, unauthenticated))
                 .await;
             drop(guard);
         })

@@ -16,8 +16,6 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
-use axum::extract::ws::Message;
-
 use crate::audit::AuditLog;
 use crate::auth::Verifier;
 use crate::broadcast::Hub;
@@ -29,7 +27,7 @@ use crate::config::{CaptureMode, Config};
 use crate::db::{Db, DbError};
 use crate::log::History;
 use crate::presence::Presence;
-use crate::protocol::phoenix::{self, Vsn};
+use crate::protocol::{self, PerWire};
 use crate::router::index::Subscription;
 use crate::router::policy::{Policy, PolicyError};
 use crate::router::{self, index::Index};
@@ -105,19 +103,15 @@ impl AppState {
         }
     }
 
-    /// Queues a `presence_diff` for every reader of `topic`, serialized once per serializer.
+    /// Queues a `presence_diff` for every reader of `topic`, encoded once per wire format.
     pub fn deliver_presence_diff(&self, topic: &str, diff: &serde_json::Value) {
-        let mut encoded: [Option<Message>; 2] = [None, None];
+        let mut encoded = PerWire::default();
         for session in self.hub.readers(topic) {
-            let slot = usize::from(session.vsn == Vsn::V2);
-            let message = encoded[slot]
-                .get_or_insert_with(|| {
-                    Message::Text(
-                        phoenix::encode(session.vsn, None, None, topic, "presence_diff", diff).into(),
-                    )
-                })
-                .clone();
-            session.deliver(Outbound { frames: Frames::One(message), commit_time_micros: 0 });
+            let message = encoded
+                .get_or_encode(session.wire, |wire| Some(protocol::push(wire, topic, "presence_diff", diff)));
+            if let Some(message) = message {
+                session.deliver(Outbound { frames: Frames::One(message), commit_time_micros: 0 });
+            }
         }
     }
 

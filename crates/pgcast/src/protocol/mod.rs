@@ -1,3 +1,108 @@
 //! Wire formats spoken to clients. Only framing lives here: no decisions about who receives what.
+//!
+//! The router, the broadcast hub and presence know a connection's format only as a [`Wire`],
+//! and cache what they encode per wire ([`PerWire`]): each distinct message is encoded once per
+//! format, never per connection. Every byte layout is in the format's own module.
+
+use axum::extract::ws::Message;
 
 pub mod phoenix;
+
+/// The wire format of one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Wire {
+    /// Supabase Realtime, Phoenix serializer `1.0.0` (JSON objects).
+    PhoenixV1,
+    /// Supabase Realtime, Phoenix serializer `2.0.0` (JSON arrays, binary user broadcasts).
+    PhoenixV2,
+}
+
+impl Wire {
+    const COUNT: usize = 2;
+
+    fn slot(self) -> usize {
+        match self {
+            Wire::PhoenixV1 => 0,
+            Wire::PhoenixV2 => 1,
+        }
+    }
+
+    /// The Phoenix serializer this wire speaks.
+    pub fn vsn(self) -> phoenix::Vsn {
+        match self {
+            Wire::PhoenixV1 => phoenix::Vsn::V1,
+            Wire::PhoenixV2 => phoenix::Vsn::V2,
+        }
+    }
+}
+
+impl From<phoenix::Vsn> for Wire {
+    fn from(vsn: phoenix::Vsn) -> Wire {
+        match vsn {
+            phoenix::Vsn::V1 => Wire::PhoenixV1,
+            phoenix::Vsn::V2 => Wire::PhoenixV2,
+        }
+    }
+}
+
+/// One message per wire format, encoded when a member of that format first needs it; `None`
+/// when the format cannot carry it (a binary payload to a JSON-only format).
+#[derive(Default)]
+pub struct PerWire([Option<Option<Message>>; Wire::COUNT]);
+
+impl PerWire {
+    pub fn get_or_encode(
+        &mut self,
+        wire: Wire,
+        encode: impl FnOnce(Wire) -> Option<Message>,
+    ) -> Option<Message> {
+        self.0[wire.slot()].get_or_insert_with(|| encode(wire)).clone()
+    }
+}
+
+/// A broadcast's user payload as a client or the HTTP API sent it: JSON, or bytes (from
+/// realtime-js's binary frame or an `application/octet-stream` body).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BroadcastPayload {
+    Json(serde_json::Value),
+    Binary(bytes::Bytes),
+}
+
+/// A payload already serialized: JSON text, or bytes (realtime-js binary broadcasts).
+#[derive(Debug, Clone, Copy)]
+pub enum Body<'a> {
+    Json(&'a str),
+    Binary(&'a [u8]),
+}
+
+/// A `postgres_changes` message: `data` (serialized once per change and shape) for the
+/// bindings `ids` of a channel `topic`.
+pub fn change(wire: Wire, topic: &str, ids: &[u32], data: &str) -> Message {
+    match wire {
+        Wire::PhoenixV1 | Wire::PhoenixV2 => phoenix::change(wire.vsn(), topic, ids, data),
+    }
+}
+
+/// A broadcast `event` on `topic` with its place (`seq`, `epoch`); `None` when this wire
+/// cannot carry `body`.
+pub fn broadcast(
+    wire: Wire,
+    topic: &str,
+    event: &str,
+    body: Body<'_>,
+    seq: u64,
+    epoch: &str,
+) -> Option<Message> {
+    match wire {
+        Wire::PhoenixV1 | Wire::PhoenixV2 => phoenix::broadcast(wire.vsn(), topic, event, body, seq, epoch),
+    }
+}
+
+/// A push that is not a reply (`presence_diff`, ...): `event` with a JSON `payload`.
+pub fn push(wire: Wire, topic: &str, event: &str, payload: &serde_json::Value) -> Message {
+    match wire {
+        Wire::PhoenixV1 | Wire::PhoenixV2 => {
+            Message::Text(phoenix::encode(wire.vsn(), None, None, topic, event, payload).into())
+        }
+    }
+}

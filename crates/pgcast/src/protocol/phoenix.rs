@@ -5,8 +5,11 @@
 //! Wire formats only: frames in, frames out. What a join or a message *means* is the session's
 //! business.
 
+use axum::extract::ws::{Message, Utf8Bytes};
+use bytes::Bytes;
 use serde_json::Value;
 
+use super::{Body, BroadcastPayload};
 use crate::json::write_string;
 
 /// The serializer a connection negotiated with `?vsn=`.
@@ -160,6 +163,112 @@ pub fn reply(vsn: Vsn, to: &Frame, status: &str, response: Value) -> String {
     encode(vsn, to.join_ref.as_deref(), to.msg_ref.as_deref(), &to.topic, "phx_reply", &payload)
 }
 
+/// `{ids, data}`: the payload realtime-js expects for `postgres_changes`, `data` serialized
+/// once per change and shared by every message that carries it.
+pub fn change(vsn: Vsn, topic: &str, ids: &[u32], data: &str) -> Message {
+    use std::fmt::Write as _;
+    let mut body = String::with_capacity(data.len() + 32);
+    body.push_str("{\"ids\":[");
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        let _ = write!(body, "{id}");
+    }
+    body.push_str("],\"data\":");
+    body.push_str(data);
+    body.push('}');
+    Message::Text(encode_raw(vsn, None, None, topic, "postgres_changes", &body).into())
+}
+
+/// realtime-js binary frame kinds (lib/serializer.js).
+const KIND_USER_BROADCAST_PUSH: u8 = 3;
+const KIND_USER_BROADCAST: u8 = 4;
+const ENCODING_BINARY: u8 = 0;
+const ENCODING_JSON: u8 = 1;
+
+/// The broadcast a member receives, with its place (`meta = {seq, epoch}`, which realtime-js
+/// shows as the message's `meta`): JSON `broadcast` for vsn 1.0.0, the binary user-broadcast
+/// frame for vsn 2.0.0 (JSON when the topic or event is too long for its one-byte lengths).
+/// `None` for a binary payload to vsn 1.0.0, which cannot carry it.
+pub fn broadcast(
+    vsn: Vsn,
+    topic: &str,
+    event: &str,
+    body: Body<'_>,
+    seq: u64,
+    epoch: &str,
+) -> Option<Message> {
+    let mut meta = format!("{{\"seq\":{seq},\"epoch\":");
+    write_string(epoch, &mut meta);
+    meta.push('}');
+    if vsn == Vsn::V2 && topic.len() <= 255 && event.len() <= 255 && meta.len() <= 255 {
+        let (encoding, bytes): (u8, &[u8]) = match body {
+            Body::Json(text) => (ENCODING_JSON, text.as_bytes()),
+            Body::Binary(bytes) => (ENCODING_BINARY, bytes),
+        };
+        let mut frame = Vec::with_capacity(5 + topic.len() + event.len() + meta.len() + bytes.len());
+        frame.extend([KIND_USER_BROADCAST, topic.len() as u8, event.len() as u8, meta.len() as u8, encoding]);
+        frame.extend(topic.as_bytes());
+        frame.extend(event.as_bytes());
+        frame.extend(meta.as_bytes());
+        frame.extend(bytes);
+        return Some(Message::Binary(frame.into()));
+    }
+    let Body::Json(json) = body else { return None };
+    let mut payload = String::from("{\"type\":\"broadcast\",\"event\":");
+    write_string(event, &mut payload);
+    payload.push_str(",\"payload\":");
+    payload.push_str(json);
+    payload.push_str(",\"meta\":");
+    payload.push_str(&meta);
+    payload.push('}');
+    let text: Utf8Bytes = encode_raw(vsn, None, None, topic, "broadcast", &payload).into();
+    Some(Message::Text(text))
+}
+
+/// A client's binary user-broadcast push (kind 3).
+#[derive(Debug, PartialEq)]
+pub struct BinaryPush {
+    pub join_ref: Option<String>,
+    pub msg_ref: Option<String>,
+    pub topic: String,
+    pub event: String,
+    pub payload: BroadcastPayload,
+}
+
+/// Decodes `[3, join_ref_len, ref_len, topic_len, event_len, meta_len, encoding, ...]`.
+pub fn decode_binary_push(frame: &[u8]) -> Result<BinaryPush, String> {
+    let header = frame.get(..7).ok_or("binary frame shorter than its 7-byte header")?;
+    if header[0] != KIND_USER_BROADCAST_PUSH {
+        return Err(format!("unsupported binary frame kind {}", header[0]));
+    }
+    let lengths = [header[1], header[2], header[3], header[4], header[5]].map(usize::from);
+    let mut offset = 7;
+    let mut fields = Vec::with_capacity(5);
+    for len in lengths {
+        let bytes = frame.get(offset..offset + len).ok_or("binary frame truncated")?;
+        fields.push(std::str::from_utf8(bytes).map_err(|_| "binary frame field is not UTF-8")?.to_string());
+        offset += len;
+    }
+    let body = &frame[offset..];
+    let payload = match header[6] {
+        ENCODING_BINARY => BroadcastPayload::Binary(Bytes::copy_from_slice(body)),
+        ENCODING_JSON => BroadcastPayload::Json(
+            serde_json::from_slice(body).map_err(|e| format!("binary frame JSON payload: {e}"))?,
+        ),
+        other => return Err(format!("unknown payload encoding {other}")),
+    };
+    let non_empty = |s: &String| (!s.is_empty()).then(|| s.clone());
+    Ok(BinaryPush {
+        join_ref: non_empty(&fields[0]),
+        msg_ref: non_empty(&fields[1]),
+        topic: fields[2].clone(),
+        event: fields[3].clone(),
+        payload,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,5 +308,65 @@ mod tests {
         );
         let v2: Value = serde_json::from_str(&encode(Vsn::V2, None, Some("3"), "t", "e", &payload)).unwrap();
         assert_eq!(v2, json!([null, "3", "t", "e", payload]));
+    }
+
+    fn push(payload_encoding: u8, body: &[u8]) -> Vec<u8> {
+        let (join_ref, msg_ref, topic, event) = ("1", "2", "realtime:room", "cursor");
+        let mut frame = vec![3, 1, 1, topic.len() as u8, event.len() as u8, 0, payload_encoding];
+        frame.extend(join_ref.bytes().chain(msg_ref.bytes()).chain(topic.bytes()).chain(event.bytes()));
+        frame.extend(body);
+        frame
+    }
+
+    #[test]
+    fn binary_pushes_decode_with_json_or_binary_payloads() {
+        let decoded = decode_binary_push(&push(1, br#"{"x":1}"#)).unwrap();
+        assert_eq!(decoded.topic, "realtime:room");
+        assert_eq!(decoded.event, "cursor");
+        assert_eq!(decoded.msg_ref.as_deref(), Some("2"));
+        assert_eq!(decoded.payload, BroadcastPayload::Json(json!({"x": 1})));
+        let decoded = decode_binary_push(&push(0, &[0, 159, 146])).unwrap();
+        assert_eq!(decoded.payload, BroadcastPayload::Binary(Bytes::from_static(&[0, 159, 146])));
+    }
+
+    #[test]
+    fn malformed_binary_pushes_are_errors() {
+        assert!(decode_binary_push(&[3, 1]).is_err());
+        assert!(decode_binary_push(&[9, 0, 0, 0, 0, 0, 1]).unwrap_err().contains("kind 9"));
+        assert!(decode_binary_push(&[3, 200, 0, 0, 0, 0, 1]).unwrap_err().contains("truncated"));
+        assert!(decode_binary_push(&push(1, b"{nope")).is_err());
+        assert!(decode_binary_push(&push(7, b"")).unwrap_err().contains("encoding 7"));
+    }
+
+    #[test]
+    fn v2_members_get_the_binary_user_broadcast_frame() {
+        let Some(Message::Binary(frame)) =
+            broadcast(Vsn::V2, "realtime:r", "ev", Body::Json(r#"{"a":1}"#), 7, "e")
+        else {
+            panic!("binary frame expected")
+        };
+        let meta = br#"{"seq":7,"epoch":"e"}"#;
+        assert_eq!(&frame[..5], &[4, 10, 2, meta.len() as u8, 1]);
+        assert_eq!(&frame[5..15], b"realtime:r");
+        assert_eq!(&frame[15..17], b"ev");
+        assert_eq!(&frame[17..17 + meta.len()], meta);
+        assert_eq!(&frame[17 + meta.len()..], br#"{"a":1}"#);
+        let Some(Message::Text(text)) =
+            broadcast(Vsn::V1, "realtime:r", "ev", Body::Json(r#"{"a":1}"#), 7, "e")
+        else {
+            panic!("text frame expected")
+        };
+        let v: Value = serde_json::from_str(text.as_str()).unwrap();
+        assert_eq!(
+            v["payload"],
+            json!({"type": "broadcast", "event": "ev", "payload": {"a": 1}, "meta": {"seq": 7, "epoch": "e"}})
+        );
+        assert!(broadcast(Vsn::V1, "t", "e", Body::Binary(&[]), 7, "e").is_none());
+    }
+
+    #[test]
+    fn change_messages_list_their_binding_ids_before_the_shared_data() {
+        let Message::Text(text) = change(Vsn::V2, "realtime:t", &[3, 9], "{}") else { panic!("text") };
+        assert_eq!(text.as_str(), r#"[null,null,"realtime:t","postgres_changes",{"ids":[3,9],"data":{}}]"#);
     }
 }

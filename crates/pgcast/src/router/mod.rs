@@ -1,8 +1,9 @@
 //! The router: for each captured change, which subscribers receive it and the bytes they get.
 //!
 //! [`run`] takes transactions in commit order, matches each change through the [`index::Index`],
-//! serializes each distinct message once (per topic, binding ids and serializer) and hands the
-//! shared bytes to each session's bounded queue. Once a whole transaction is routed it marks the
+//! serializes each distinct message once (per topic, binding ids, shape and wire format, which
+//! is all it knows of a connection's protocol) and hands the shared bytes to each session's
+//! bounded queue. Once a whole transaction is routed it marks the
 //! transaction handled in [`Progress`], which is what lets capture confirm the slot.
 //!
 //! Architecture invariant: the router never touches the database and never waits on a client; a
@@ -17,12 +18,12 @@ pub mod runs;
 use std::ops::Range;
 use std::sync::{Arc, RwLock};
 
-use axum::extract::ws::{Message, Utf8Bytes};
+use axum::extract::ws::Message;
 use tokio::sync::mpsc;
 
 use crate::capture::{Change, Progress, Transaction};
 use crate::log::{History, Position};
-use crate::protocol::phoenix;
+use crate::protocol;
 use crate::session::{Frames, Outbound, SessionHandle};
 use index::{Index, Subscription};
 use payload::View;
@@ -204,17 +205,17 @@ impl Fanout {
             let ((sub_a, shape_a), (sub_b, shape_b)) = (&hits[*a], &hits[*b]);
             cmp_topic(&sub_a.topic, &sub_b.topic)
                 .then_with(|| ids[ids_a.clone()].cmp(&ids[ids_b.clone()]))
-                .then(sub_a.session.vsn.cmp(&sub_b.session.vsn))
+                .then(sub_a.session.wire.cmp(&sub_b.session.wire))
                 .then(shape_a.cmp(shape_b))
         };
         recipients.sort_unstable_by(same_message);
         let mut delivered = 0;
-        let mut last: Option<(usize, Utf8Bytes)> = None;
+        let mut last: Option<(usize, Message)> = None;
         for (r, recipient) in recipients.iter().enumerate() {
             let (sub, shape) = &hits[recipient.0];
-            let text = match &last {
-                Some((previous, text)) if same_message(&recipients[*previous], recipient).is_eq() => {
-                    text.clone()
+            let message = match &last {
+                Some((previous, message)) if same_message(&recipients[*previous], recipient).is_eq() => {
+                    message.clone()
                 }
                 _ => {
                     let Some((_, visibility, data)) = views.iter_mut().find(|(id, ..)| id == shape) else {
@@ -229,21 +230,13 @@ impl Fanout {
                         };
                         payload::change_data(tx, change, view, position, epoch)
                     });
-                    let body = payload::message_payload(&ids[recipient.1.clone()], data);
-                    let text: Utf8Bytes = phoenix::encode_raw(
-                        sub.session.vsn,
-                        None,
-                        None,
-                        &sub.topic,
-                        "postgres_changes",
-                        &body,
-                    )
-                    .into();
-                    last = Some((r, text.clone()));
-                    text
+                    let message =
+                        protocol::change(sub.session.wire, &sub.topic, &ids[recipient.1.clone()], data);
+                    last = Some((r, message.clone()));
+                    message
                 }
             };
-            if deliver(&sub.session, Message::Text(text)) {
+            if deliver(&sub.session, message) {
                 delivered += 1;
             }
         }

@@ -1,10 +1,8 @@
-//! The `postgres_changes` payload shape realtime-js parses:
-//! `{ids, data: {schema, table, commit_timestamp, type, columns, record, old_record, errors}}`.
+//! The `data` of a `postgres_changes` message, as realtime-js parses it:
+//! `{schema, table, commit_timestamp, type, columns, record, old_record, errors}`.
 //!
-//! `data` is serialized once per change and shared by every message that carries it; only the
-//! `ids` differ between bindings.
-
-use std::fmt::Write;
+//! `data` is serialized once per change and shape and shared by every message that carries it;
+//! the envelope around it (`{ids, data}` for Phoenix) is the wire format's (`protocol`).
 
 use crate::capture::{Change, ChangeKind, Column, Transaction, Value};
 use crate::json::write_string;
@@ -142,22 +140,6 @@ pub fn change_data(
     out
 }
 
-/// Appends `{"ids":[...],"data":...}`.
-pub fn message_payload(ids: &[u32], data: &str) -> String {
-    let mut out = String::with_capacity(data.len() + 32);
-    out.push_str("{\"ids\":[");
-    for (i, id) in ids.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let _ = write!(out, "{id}");
-    }
-    out.push_str("],\"data\":");
-    out.push_str(data);
-    out.push('}');
-    out
-}
-
 /// `2024-05-01T09:00:00.123Z` (millisecond precision, as Supabase Realtime sends it).
 pub fn format_utc_micros(micros: i64) -> String {
     let secs = micros.div_euclid(1_000_000);
@@ -193,10 +175,5 @@ mod tests {
             let micros = i64::try_from(parse_timestamp(text).unwrap()).unwrap();
             assert_eq!(format_utc_micros(micros), text);
         }
-    }
-
-    #[test]
-    fn message_payload_lists_ids() {
-        assert_eq!(message_payload(&[3, 9], "{}"), r#"{"ids":[3,9],"data":{}}"#);
     }
 }

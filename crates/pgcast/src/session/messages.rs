@@ -6,8 +6,9 @@ use serde_json::{json, Value};
 
 use super::{channel_name, Session};
 use crate::audit::{Action, AuditEvent};
-use crate::broadcast::{decode_binary_push, BroadcastPayload};
+use crate::protocol::phoenix::decode_binary_push;
 use crate::protocol::phoenix::{self, Frame};
+use crate::protocol::BroadcastPayload;
 
 impl Session {
     pub(super) async fn broadcast(&mut self, frame: Frame) -> Result<(), axum::Error> {
@@ -103,8 +104,14 @@ impl Session {
         channel.presence_synced = true;
         let join_ref = channel.join_ref.clone();
         let state = self.state.presence.state(topic);
-        let text =
-            phoenix::encode(self.handle.vsn, join_ref.as_deref(), None, topic, "presence_state", &state);
+        let text = phoenix::encode(
+            self.handle.wire.vsn(),
+            join_ref.as_deref(),
+            None,
+            topic,
+            "presence_state",
+            &state,
+        );
         self.send_text(text).await
     }
 }

@@ -26,7 +26,8 @@ use crate::audit::{Action, AuditEvent};
 use crate::auth::{AuthError, Claims, Identity};
 use crate::capture::Transaction;
 use crate::log::{Position, ResyncReason};
-use crate::protocol::phoenix::{self, Frame, Vsn};
+use crate::protocol::phoenix::{self, Frame};
+use crate::protocol::Wire;
 use crate::router::index::{Index, Subscription};
 use crate::router::policy::ChannelAccess;
 use crate::router::Fanout;
@@ -95,7 +96,8 @@ impl Frames {
 #[derive(Debug)]
 pub struct SessionHandle {
     pub id: u64,
-    pub vsn: Vsn,
+    /// The wire format: all the router and the hub know of the connection's protocol.
+    pub wire: Wire,
     queue: Queue,
     kick_reason: Mutex<Option<(u16, String)>>,
     kick: Notify,
@@ -107,7 +109,7 @@ impl SessionHandle {
     pub fn detached(capacity: usize) -> Arc<SessionHandle> {
         Arc::new(SessionHandle {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
-            vsn: Vsn::V2,
+            wire: Wire::PhoenixV2,
             queue: Queue::new(capacity),
             kick_reason: Mutex::new(None),
             kick: Notify::new(),
@@ -308,14 +310,14 @@ impl Session {
         socket: WebSocket,
         state: Arc<AppState>,
         peer: SocketAddr,
-        vsn: Vsn,
+        wire: Wire,
         apikey: Option<String>,
         unauthenticated: Option<Unauthenticated>,
     ) -> Session {
         let apikey = apikey.map(String::into_boxed_str);
         let handle = Arc::new(SessionHandle {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
-            vsn,
+            wire,
             queue: Queue::new(state.config.outbound_queue),
             kick_reason: Mutex::new(None),
             kick: Notify::new(),
@@ -510,7 +512,7 @@ impl Session {
     }
 
     async fn reply(&mut self, to: &Frame, status: &str, response: Value) -> Result<(), axum::Error> {
-        let text = phoenix::reply(self.handle.vsn, to, status, response);
+        let text = phoenix::reply(self.handle.wire.vsn(), to, status, response);
         self.send_text(text).await
     }
 
@@ -536,7 +538,7 @@ impl Session {
     /// `phx_error` on the `phoenix` topic: for what concerns the connection, not a channel.
     async fn send_phoenix_error(&mut self, reason: &str) -> Result<(), axum::Error> {
         let text = phoenix::encode(
-            self.handle.vsn,
+            self.handle.wire.vsn(),
             None,
             None,
             "phoenix",
@@ -605,7 +607,7 @@ impl Session {
     }
 
     async fn handle_text(&mut self, text: &str) -> Result<(), axum::Error> {
-        let frame = match phoenix::decode(self.handle.vsn, text) {
+        let frame = match phoenix::decode(self.handle.wire.vsn(), text) {
             Ok(frame) => frame,
             Err(e) => return self.malformed(&e.to_string()).await,
         };
@@ -627,7 +629,7 @@ impl Session {
                 self.leave(&frame.topic);
                 self.reply(&frame, "ok", json!({})).await?;
                 let close = phoenix::encode(
-                    self.handle.vsn,
+                    self.handle.wire.vsn(),
                     frame.join_ref.as_deref(),
                     None,
                     &frame.topic,
@@ -820,7 +822,7 @@ impl Session {
                 "pgcast": { "position": head.0.to_string(), "epoch": head.1 },
             });
             let text = phoenix::encode(
-                self.handle.vsn,
+                self.handle.wire.vsn(),
                 frame.join_ref.as_deref(),
                 None,
                 &frame.topic,
@@ -885,8 +887,14 @@ impl Session {
         if let Some(scope) = scope {
             payload["scope"] = json!(scope);
         }
-        let text =
-            phoenix::encode(self.handle.vsn, frame.join_ref.as_deref(), None, topic, "system", &payload);
+        let text = phoenix::encode(
+            self.handle.wire.vsn(),
+            frame.join_ref.as_deref(),
+            None,
+            topic,
+            "system",
+            &payload,
+        );
         self.send_text(text).await
     }
 
@@ -982,7 +990,7 @@ impl Session {
             "extension": "system",
             "channel": channel_name(topic),
         });
-        let vsn = self.handle.vsn;
+        let vsn = self.handle.wire.vsn();
         self.send_text(phoenix::encode(vsn, join_ref.as_deref(), None, topic, "system", &payload)).await?;
         self.send_text(phoenix::encode(vsn, join_ref.as_deref(), None, topic, "phx_close", &json!({}))).await
     }
