@@ -39,6 +39,11 @@ log "SDK build (clients/js; the Rust end-to-end tests drive SDK clients too)"
 log "Node baseline for the bench (crates/pgcast-bench/baselines/node-ws-notify)"
 (cd crates/pgcast-bench/baselines/node-ws-notify && npm ci --no-audit --no-fund --loglevel=error)
 
+# Each integration test makes its PostgreSQL cluster under target/tmp; a test process ends before
+# the cluster's files can go, so clear them around the runs (they add up to gigabytes).
+clear_test_clusters() { rm -rf target/tmp; }
+clear_test_clusters
+
 log "Rust tests (unit + integration against real PostgreSQL)"
 if have cargo-nextest; then
   cargo nextest run --locked --no-fail-fast
@@ -48,6 +53,7 @@ fi
 
 # Both capture modes run the same suite: the mode-independent integration tests again, with
 # every table captured by the outbox trigger (outbox and nothing_lost cover both modes already).
+clear_test_clusters
 log "Rust integration tests again in trigger capture mode"
 if have cargo-nextest; then
   PGCAST_TEST_CAPTURE=trigger cargo nextest run --locked --no-fail-fast \
@@ -55,6 +61,8 @@ if have cargo-nextest; then
 else
   PGCAST_TEST_CAPTURE=trigger cargo test --locked --no-fail-fast -p pgcast --tests
 fi
+
+clear_test_clusters
 
 log "Node tests (official @supabase/realtime-js against pgcast)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error && npm test)
