@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::Message;
 use bytes::Bytes;
 
-pub use crate::protocol::BroadcastPayload;
+use crate::protocol::BroadcastPayload;
 use crate::protocol::{self, Body, PerWire};
 use crate::session::{Frames, Outbound, SessionHandle};
 

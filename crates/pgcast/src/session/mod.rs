@@ -340,7 +340,7 @@ impl Session {
         }
     }
 
-    pub fn id(&self) -> u64 {
+    fn id(&self) -> u64 {
         self.handle.id
     }
 
