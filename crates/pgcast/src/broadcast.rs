@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::Message;
 use bytes::Bytes;
 
+use crate::outbound::{Frames, Outbound, SessionHandle};
 use crate::protocol::BroadcastPayload;
 use crate::protocol::{self, Body, PerWire};
-use crate::session::{Frames, Outbound, SessionHandle};
 
 /// A member's standing on one topic.
 #[derive(Debug, Clone)]

@@ -24,7 +24,9 @@ use crate::protocol::phoenix::Vsn;
 use crate::protocol::BroadcastPayload;
 use crate::protocol::Wire;
 use crate::server::{update_gauges, AppState};
-use crate::session::{Session, Unauthenticated};
+use crate::session::phoenix::Phoenix;
+use crate::session::transport::WebSocketTransport;
+use crate::session::{Core, Session, Unauthenticated};
 
 /// Bytes the WebSocket reader buffers per connection; tungstenite's default (128 KiB) would
 /// dominate per-connection memory. Client frames are small (heartbeats, joins, broadcasts); a
@@ -105,8 +107,12 @@ async fn websocket(
         .on_upgrade(move |socket| async move {
             // One expression, no named locals: a local moved into the awaited future would
             // still take its own room in this task for the connection's whole life.
-            crate::session::supervise::run(Session::new(socket, state, peer, wire, apikey, unauthenticated))
-                .await;
+            crate::session::supervise::run(Session::new(
+                Core::new(state, peer, wire, apikey, unauthenticated),
+                Phoenix { vsn: wire.vsn() },
+                WebSocketTransport::new(socket),
+            ))
+            .await;
             drop(guard);
         })
 }

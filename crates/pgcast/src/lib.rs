@@ -19,6 +19,7 @@ pub mod http;
 pub mod json;
 pub mod local_postgres;
 pub mod log;
+pub mod outbound;
 pub mod presence;
 pub mod protocol;
 pub mod random;

@@ -26,12 +26,12 @@ use crate::capture::{format_lsn, Progress};
 use crate::config::{CaptureMode, Config};
 use crate::db::{Db, DbError};
 use crate::log::History;
+use crate::outbound::{Frames, Outbound};
 use crate::presence::Presence;
 use crate::protocol::{self, PerWire};
 use crate::router::index::Subscription;
 use crate::router::policy::{Policy, PolicyError};
 use crate::router::{self, index::Index};
-use crate::session::{Frames, Outbound};
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 
 /// Transactions buffered between capture and router.

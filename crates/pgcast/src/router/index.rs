@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::capture::{Change, ChangeKind, Row};
-use crate::session::SessionHandle;
+use crate::outbound::SessionHandle;
 
 use super::filter::{EventFilter, Filter};
 use super::policy::{BoundPolicy, Visibility};

@@ -7,7 +7,7 @@
 //! transaction handled in [`Progress`], which is what lets capture confirm the slot.
 //!
 //! Architecture invariant: the router never touches the database and never waits on a client; a
-//! full client queue cuts that client off (see `session`).
+//! full client queue cuts that client off (see `outbound`).
 
 pub mod filter;
 pub mod index;
@@ -23,8 +23,8 @@ use tokio::sync::mpsc;
 
 use crate::capture::{Change, Progress, Transaction};
 use crate::log::{History, Position};
+use crate::outbound::{Frames, Outbound, SessionHandle};
 use crate::protocol;
-use crate::session::{Frames, Outbound, SessionHandle};
 use index::{Index, Subscription};
 use payload::View;
 use policy::{RlsIdentity, Visibility, FULL_SHAPE_ID, LEFT_VIEW_SHAPE_ID};
@@ -125,6 +125,32 @@ fn cmp_topic(a: &Arc<str>, b: &Arc<str>) -> std::cmp::Ordering {
     } else {
         a.cmp(b)
     }
+}
+
+/// The messages a resuming subscriber missed, in order: `entries` (from `History::since`)
+/// routed through an index of only `subscriptions`, with the same policies and encoding as
+/// live delivery. Written by the session before anything queued live.
+pub async fn replay(
+    subscriptions: &[Arc<Subscription>],
+    entries: &[(Position, Arc<Transaction>, usize)],
+    epoch: &str,
+    rls: Option<&RlsChecker>,
+) -> Vec<Message> {
+    let mut index = Index::default();
+    for sub in subscriptions {
+        index.insert(sub.clone());
+    }
+    let index = RwLock::new(index);
+    let mut fanout = Fanout::default();
+    let mut messages = Vec::new();
+    for (position, tx, i) in entries {
+        let mut collect = |_: &Arc<SessionHandle>, message: Message| {
+            messages.push(message);
+            true
+        };
+        fanout.route(tx, &tx.changes[*i], *position, epoch, &index, rls, &mut collect).await;
+    }
+    messages
 }
 
 impl Fanout {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::Message;
 
-use crate::session::{Frames, Outbound, SessionHandle};
+use crate::outbound::{Frames, Outbound, SessionHandle};
 
 /// No previous node: the start of a sequence.
 const START: u32 = u32::MAX;
@@ -94,7 +94,7 @@ fn sequence(nodes: &[(u32, Message)], last: u32) -> Arc<[Message]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::SessionHandle;
+    use crate::outbound::SessionHandle;
 
     fn text(s: &str) -> Message {
         Message::Text(s.to_string().into())

@@ -1,173 +1,54 @@
-//! One client connection speaking the Supabase Realtime protocol: its joined channels, its
-//! bounded outbound queue, the batching writer, heartbeat and token-expiry deadlines.
+//! One client connection, split the way centrifuge splits a client from its transports and
+//! protocols:
 //!
-//! The router hands a session pre-serialized messages through [`SessionHandle::deliver`]; when
-//! the queue is full the session is cut off with a reason instead of growing memory. Replies to
-//! the client's own frames are written directly, so they are never stuck behind a backlog.
+//! - the **core** ([`Core`], here and in `join.rs`, `messages.rs`): joined channels, policies,
+//!   limits, resume, what the connection holds in shared state and its release. It decides and
+//!   records (metrics, audit); it writes nothing to the client.
+//! - the **protocol adapter** (a [`Protocol`]; `phoenix.rs` for Supabase Realtime): reads client
+//!   frames into requests for the core and renders the core's answers and refusals as frames.
+//! - the **transport** (`transport.rs`; the WebSocket today): frames in, frames out, close.
 //!
-//! What a frame looks like on the wire is `protocol::phoenix`'s business; who receives which
-//! change is the router's.
+//! [`Session`] ties the three together and runs the connection: the bounded outbound queue the
+//! router and the hub fill (see `outbound`), the batching writer, the heartbeat, token-expiry
+//! and auth deadlines, and the rate limit every client frame is counted against before it is
+//! parsed. Replies to the client's own frames are written directly, so they are never stuck
+//! behind a backlog. Who receives which change is the router's business.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::SinkExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use serde_json::{json, Value};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::audit::{Action, AuditEvent};
-use crate::auth::{AuthError, Claims, Identity};
-use crate::capture::Transaction;
-use crate::log::{Position, ResyncReason};
-use crate::protocol::phoenix::{self, Frame};
+use crate::audit::AuditEvent;
+use crate::auth::Identity;
+use crate::outbound::{close_code, Frames, Outbound, SessionHandle};
 use crate::protocol::Wire;
-use crate::router::index::{Index, Subscription};
+use crate::router::index::Subscription;
 use crate::router::policy::ChannelAccess;
-use crate::router::Fanout;
 use crate::server::AppState;
 
+pub mod error;
+mod join;
 mod messages;
-mod queue;
+pub mod phoenix;
 mod subscribe;
 pub mod supervise;
+pub mod transport;
 
-use queue::{PushError, Queue};
+pub use error::{JoinError, RefreshError, SendError, TokenError, TokenSource};
+pub use join::JoinRequest;
+use transport::{Incoming, Transport, TransportError};
 
 /// Most frames taken from the queue for one flush (a larger transaction goes whole).
 const WRITE_BATCH: usize = 64;
 /// Batch capacity kept between writes.
 const IDLE_BATCH: usize = 4;
-/// How long a close frame may take to reach a client before the socket is dropped anyway.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// WebSocket close codes pgcast uses.
-pub mod close_code {
-    pub const GOING_AWAY: u16 = 1001;
-    pub const TOO_BIG: u16 = 1009;
-    /// The client did not read fast enough and its queue filled.
-    pub const SLOW_CONSUMER: u16 = 4000;
-    pub const HEARTBEAT_TIMEOUT: u16 = 4001;
-    /// The client kept sending frames that could not be read.
-    pub const INVALID_PAYLOAD: u16 = 1007;
-    /// The client kept sending faster than `max_messages_per_second`.
-    pub const POLICY_VIOLATION: u16 = 1008;
-    /// The connection presented no valid token within `auth_timeout_secs`.
-    pub const AUTH_TIMEOUT: u16 = 4002;
-    /// The user already has as many connections as allowed.
-    pub const TOO_MANY_CONNECTIONS: u16 = 4003;
-}
-
-/// A message on its way to one or more connections: the bytes are shared, not copied.
-#[derive(Clone, Debug)]
-pub struct Outbound {
-    pub frames: Frames,
-    /// Commit time of the change(s) it carries (µs since the Unix epoch), for the latency
-    /// metric; 0 for messages that carry no change.
-    pub commit_time_micros: i64,
-}
-
-/// What one queue entry writes: cloning either shares the bytes.
-#[derive(Clone, Debug)]
-pub enum Frames {
-    /// A text or binary frame.
-    One(Message),
-    /// A multi-change transaction's frames for this session, in order; sessions that get the
-    /// same sequence share it (see `router::runs`).
-    Run(Arc<[Message]>),
-}
-
-impl Frames {
-    fn len(&self) -> usize {
-        match self {
-            Frames::One(_) => 1,
-            Frames::Run(run) => run.len(),
-        }
-    }
-}
-
-/// The router's view of a session: where to put messages, and how to cut it off.
-#[derive(Debug)]
-pub struct SessionHandle {
-    pub id: u64,
-    /// The wire format: all the router and the hub know of the connection's protocol.
-    pub wire: Wire,
-    queue: Queue,
-    kick_reason: Mutex<Option<(u16, String)>>,
-    kick: Notify,
-}
-
-impl SessionHandle {
-    /// A handle with no connection behind it, for tests of what producers queue.
-    #[cfg(test)]
-    pub fn detached(capacity: usize) -> Arc<SessionHandle> {
-        Arc::new(SessionHandle {
-            id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
-            wire: Wire::PhoenixV2,
-            queue: Queue::new(capacity),
-            kick_reason: Mutex::new(None),
-            kick: Notify::new(),
-        })
-    }
-
-    /// Everything queued so far (tests).
-    #[cfg(test)]
-    pub fn take_queued(&self) -> Vec<Outbound> {
-        let mut out = Vec::new();
-        self.queue.take(&mut out, usize::MAX);
-        out
-    }
-
-    /// Queues a message; if the queue is full the session is cut off (it will be closed with a
-    /// reason) and `false` is returned.
-    pub fn deliver(&self, message: Outbound) -> bool {
-        match self.queue.try_push(message) {
-            Ok(()) => true,
-            Err(PushError::Full) => {
-                self.kick(
-                    close_code::SLOW_CONSUMER,
-                    format!("slow consumer: more than {} messages queued", self.queue.capacity()),
-                );
-                false
-            }
-            Err(PushError::Closed) => false,
-        }
-    }
-
-    /// How a kicked session ends (counted as a slow consumer if that was the reason).
-    fn kicked(&self) -> Ending {
-        let (code, reason) = self
-            .kick_reason
-            .lock()
-            .ok()
-            .and_then(|r| r.clone())
-            .unwrap_or((close_code::GOING_AWAY, "closed by server".into()));
-        if code == close_code::SLOW_CONSUMER {
-            metrics::counter!("pgcast_slow_consumers_total").increment(1);
-        }
-        Ending::Close(code, reason)
-    }
-
-    fn is_kicked(&self) -> bool {
-        self.kick_reason.lock().map(|r| r.is_some()).unwrap_or(true)
-    }
-
-    /// Asks the session to close with `code` and `reason` (the first reason wins).
-    pub fn kick(&self, code: u16, reason: String) {
-        if let Ok(mut slot) = self.kick_reason.lock() {
-            if slot.is_none() {
-                *slot = Some((code, reason));
-                self.kick.notify_one();
-            }
-        }
-    }
-}
 
 /// The metrics every batch written updates, looked up once: at hundreds of thousands of writes
 /// a second the registry lookup behind `metrics::counter!` cost more than the update itself.
@@ -185,9 +66,11 @@ fn write_meters() -> &'static WriteMeters {
     })
 }
 
-/// A channel this connection has joined.
-struct JoinedChannel {
-    join_ref: Option<Box<str>>,
+/// A channel (a Phoenix channel, a Socket.IO room) this connection has joined.
+pub struct JoinedChannel {
+    /// The protocol's reference for this membership (Phoenix: the `join_ref`), echoed on what
+    /// the server sends about the channel.
+    pub join_ref: Option<Box<str>>,
     /// The join's `postgres_changes` bindings, kept (as compact JSON, not as parsed maps: this
     /// stays in memory for every joined channel) to re-bind them when the token changes.
     bindings: Option<Box<str>>,
@@ -206,12 +89,10 @@ struct JoinedChannel {
     presence_synced: bool,
 }
 
-static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
-
-pub struct Session {
+/// The session core: what one connection holds and may do, whatever its protocol.
+pub struct Core {
     handle: Arc<SessionHandle>,
     state: Arc<AppState>,
-    socket: WebSocket,
     peer: SocketAddr,
     /// Kept for joins without their own `access_token`; boxed, without a String's spare room.
     apikey: Option<Box<str>>,
@@ -229,8 +110,8 @@ pub struct Session {
     unauthenticated: Option<Box<Unauthenticated>>,
 }
 
-/// A WebSocket that has presented no valid token yet: counted in
-/// `AppState::unauthenticated` while it lives, with the time by which it must present one.
+/// A connection that has presented no valid token yet: counted in `AppState::unauthenticated`
+/// while it lives, with the time by which it must present one.
 pub struct Unauthenticated {
     count: Arc<AtomicUsize>,
     deadline: Instant,
@@ -292,46 +173,36 @@ impl Penalties {
     }
 }
 
-/// Why the session loop ended: how to close the socket, if at all.
-enum Ending {
-    /// The server closes: a Close frame with this code and reason.
-    Close(u16, String),
-    /// The client sent a Close frame: the WebSocket library queued the reply (RFC 6455 5.5.1),
-    /// which must still be flushed, or the client sees the connection drop (1006).
-    ClosedByClient,
-    Gone,
+/// What the rate limit says of one client frame.
+enum Admission {
+    /// Within the rate: handle it.
+    Admitted,
+    /// Over the rate: dropped unread; the first drop in a second is told to the client.
+    Dropped { notice: Option<String> },
 }
 
-impl Session {
-    /// A session for an upgraded connection. `unauthenticated` is given when the connection
-    /// brought no (valid) `apikey`: it counts against `max_unauthenticated_connections` until
-    /// a join verifies a token, and the connection is closed if none does in `auth_timeout`.
+impl Core {
+    /// The core of a new connection. `unauthenticated` is given when the connection brought no
+    /// (valid) `apikey`: it counts against `max_unauthenticated_connections` until a join
+    /// verifies a token, and the connection is closed if none does in `auth_timeout`.
     pub fn new(
-        socket: WebSocket,
         state: Arc<AppState>,
         peer: SocketAddr,
         wire: Wire,
         apikey: Option<String>,
         unauthenticated: Option<Unauthenticated>,
-    ) -> Session {
-        let apikey = apikey.map(String::into_boxed_str);
-        let handle = Arc::new(SessionHandle {
-            id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
-            wire,
-            queue: Queue::new(state.config.outbound_queue),
-            kick_reason: Mutex::new(None),
-            kick: Notify::new(),
-        });
+    ) -> Core {
+        let handle = Arc::new(SessionHandle::new(wire, state.config.outbound_queue));
+        // Validated by the config (at least 1); the floor only keeps this total.
         let rate = NonZeroU32::new(state.config.max_messages_per_second).unwrap_or(NonZeroU32::MIN);
         let limiter = RateLimiter::direct(Quota::per_second(rate));
         // Counted here and uncounted in `Drop`: exactly once, however the session ends.
         metrics::gauge!("pgcast_connections").increment(1.0);
-        Session {
+        Core {
             handle,
             state,
-            socket,
             peer,
-            apikey,
+            apikey: apikey.map(String::into_boxed_str),
             channels: HashMap::new(),
             limiter,
             counted_user: None,
@@ -340,61 +211,176 @@ impl Session {
         }
     }
 
-    fn id(&self) -> u64 {
+    pub fn id(&self) -> u64 {
         self.handle.id
     }
 
-    /// Runs the connection until the client leaves, is cut off, or the server shuts down.
-    pub async fn run(mut self) {
-        tracing::info!(session = self.handle.id, peer = %self.peer, "client connected");
-        // The kick and shutdown are watched here, outside `serve`: a client that stopped reading
-        // leaves `serve` blocked in a socket write, and must still be cut off. Watched once, they
-        // are registered once, not again on every message the loop writes.
-        let handle = self.handle.clone();
-        let mut shutdown = self.state.shutdown.clone();
-        let ending = tokio::select! {
-            biased;
-            _ = handle.kick.notified() => handle.kicked(),
-            _ = shutdown.wait() => Ending::Close(close_code::GOING_AWAY, "server shutting down".into()),
-            ending = self.serve() => ending,
-        };
-        // Released before the close frame, so other members see this one leave at once; `Drop`
-        // releases again (a no-op then) for a session that ends by panicking.
-        self.release();
-        match &ending {
-            Ending::Close(code, reason) => {
-                tracing::info!(session = self.handle.id, code, reason = %reason, "closing client");
-                let frame = CloseFrame { code: *code, reason: reason.as_str().into() };
-                // Boxed: its state would otherwise sit in every connection's task all its life.
-                let _ =
-                    tokio::time::timeout(CLOSE_TIMEOUT, Box::pin(close_handshake(&mut self.socket, frame)))
-                        .await;
-            }
-            Ending::ClosedByClient => {
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.flush()).await;
-            }
-            Ending::Gone => {}
-        }
-        tracing::info!(session = self.handle.id, "client disconnected");
+    pub fn wire(&self) -> Wire {
+        self.handle.wire
     }
 
-    /// Gives back everything the session holds in shared state: queued messages, channels
+    /// Whether `topic` is joined.
+    pub fn is_joined(&self, topic: &str) -> bool {
+        self.channels.contains_key(topic)
+    }
+
+    /// Counts one client frame, valid or not, against the rate limit before any of it is
+    /// parsed, so a flood of garbage costs no more than a flood of heartbeats. A client that
+    /// sends twice its rate within a second (it is not slowing down) is cut off.
+    fn admit_frame(&mut self) -> Admission {
+        if self.limiter.check().is_ok() {
+            return Admission::Admitted;
+        }
+        metrics::counter!("pgcast_rate_limited_total").increment(1);
+        let rate = self.state.config.max_messages_per_second;
+        let now = Instant::now();
+        let penalties = self.penalties.get_or_insert_with(|| Box::new(Penalties::new(now)));
+        let first_in_window = penalties.dropped_frame(now);
+        if penalties.dropped >= rate.max(MIN_DROPS_BEFORE_CUT) {
+            let reason = format!("rate limit exceeded: more than twice {rate} messages per second");
+            self.handle.kick(close_code::POLICY_VIOLATION, reason);
+            return Admission::Dropped { notice: None };
+        }
+        if !first_in_window {
+            return Admission::Dropped { notice: None };
+        }
+        tracing::info!(session = self.handle.id, "rate limit exceeded; frames dropped");
+        let notice = format!("rate limit exceeded: at most {rate} messages per second; frames are dropped");
+        Admission::Dropped { notice: Some(notice) }
+    }
+
+    /// Counts a malformed frame (or an unusable topic); a client that keeps sending them
+    /// (`MAX_MALFORMED` within `MALFORMED_WINDOW`) is cut off, and `true` says so.
+    pub fn strike(&mut self) -> bool {
+        let now = Instant::now();
+        let penalties = self.penalties.get_or_insert_with(|| Box::new(Penalties::new(now)));
+        if penalties.malformed_frame(now) < MAX_MALFORMED {
+            return false;
+        }
+        let reason =
+            format!("too many malformed frames: {MAX_MALFORMED} within {}s", MALFORMED_WINDOW.as_secs());
+        self.handle.kick(close_code::INVALID_PAYLOAD, reason);
+        true
+    }
+
+    /// Cuts the connection off with `code` and `reason` once the frame being handled is done.
+    pub fn cut_off(&self, code: u16, reason: String) {
+        self.handle.kick(code, reason);
+    }
+
+    /// Records an audit event with this connection's address.
+    fn audit(&self, event: AuditEvent) {
+        self.state.audit.record(event.peer(Some(self.peer)));
+    }
+
+    /// Gives back everything the connection holds in shared state: queued messages, channels
     /// (subscriptions, hub membership, presence), the per-user slot. Idempotent.
     fn release(&mut self) {
-        self.handle.queue.close();
+        self.handle.queue().close();
         self.leave_all();
         if let Some(user) = self.counted_user.take() {
             self.state.user_disconnected(&user);
         }
     }
+}
+
+impl Drop for Core {
+    /// However the session ends (returned, cut off, or unwinding from a panic), what it holds is
+    /// released and it stops counting as a connection.
+    fn drop(&mut self) {
+        self.release();
+        metrics::gauge!("pgcast_connections").decrement(1.0);
+    }
+}
+
+/// A protocol adapter: reads the client's frames into requests for the core and renders what
+/// the core answers. Implemented once per wire protocol, on the session it drives.
+pub trait Protocol: Send + Sized {
+    /// One client frame (text or binary), already admitted by the rate limit.
+    fn frame<T: Transport>(
+        session: &mut Session<Self, T>,
+        frame: Incoming,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Frames over the rate are being dropped: tells the client (once a second at most).
+    fn rate_notice<T: Transport>(
+        session: &mut Session<Self, T>,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// The server closed a channel (its token expired): tells the client why. The core has
+    /// left the channel already; `channel` is the membership it had.
+    fn channel_closed<T: Transport>(
+        session: &mut Session<Self, T>,
+        topic: &str,
+        channel: Box<JoinedChannel>,
+        reason: String,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+}
+
+/// Why the session loop ended: how to close the connection, if at all.
+enum Ending {
+    /// The server closes, with this code and reason.
+    Close(u16, String),
+    /// The client closed; the transport may still owe it a reply.
+    ClosedByClient,
+    Gone,
+}
+
+/// A connection: the core, driven by a protocol adapter over a transport.
+pub struct Session<P, T> {
+    pub(crate) core: Core,
+    pub(crate) protocol: P,
+    pub(crate) transport: T,
+}
+
+impl<P: Protocol, T: Transport> Session<P, T> {
+    pub fn new(core: Core, protocol: P, transport: T) -> Session<P, T> {
+        Session { core, protocol, transport }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.core.handle.id
+    }
+
+    /// Runs the connection until the client leaves, is cut off, or the server shuts down.
+    pub async fn run(mut self) {
+        tracing::info!(session = self.core.handle.id, peer = %self.core.peer, "client connected");
+        // The kick and shutdown are watched here, outside `serve`: a client that stopped reading
+        // leaves `serve` blocked in a socket write, and must still be cut off. Watched once, they
+        // are registered once, not again on every message the loop writes.
+        let handle = self.core.handle.clone();
+        let mut shutdown = self.core.state.shutdown.clone();
+        let ending = tokio::select! {
+            biased;
+            _ = handle.kick_requested() => {
+                let (code, reason) = handle.kicked();
+                Ending::Close(code, reason)
+            }
+            _ = shutdown.wait() => Ending::Close(close_code::GOING_AWAY, "server shutting down".into()),
+            ending = self.serve() => ending,
+        };
+        // Released before the close frame, so other members see this one leave at once; `Drop`
+        // releases again (a no-op then) for a session that ends by panicking.
+        self.core.release();
+        match &ending {
+            Ending::Close(code, reason) => {
+                tracing::info!(session = self.core.handle.id, code, reason = %reason, "closing client");
+                self.transport.close(*code, reason).await;
+            }
+            Ending::ClosedByClient => self.transport.closed_by_client().await,
+            Ending::Gone => {}
+        }
+        tracing::info!(session = self.core.handle.id, "client disconnected");
+    }
 
     async fn serve(&mut self) -> Ending {
-        let heartbeat_timeout = self.state.config.heartbeat_timeout;
+        let heartbeat_timeout = self.core.state.config.heartbeat_timeout;
         let mut heartbeat_deadline = Instant::now() + heartbeat_timeout;
-        let handle = self.handle.clone();
+        let handle = self.core.handle.clone();
         // Grows on demand and is trimmed after each write: idle connections hold no batch.
         let mut batch: Vec<Outbound> = Vec::new();
-        let coalesce = self.state.config.write_coalesce;
+        let coalesce = self.core.state.config.write_coalesce;
         // When the last batch was written: a connection written to within `coalesce` is busy.
         let mut last_write: Option<Instant> = None;
         // One timer for the heartbeat and the earliest token expiry, re-armed only when that
@@ -402,15 +388,15 @@ impl Session {
         let timer = tokio::time::sleep_until(heartbeat_deadline);
         tokio::pin!(timer);
         loop {
-            let expiry = self.channels.values().map(|c| c.expires_at).min();
-            let auth = self.unauthenticated.as_ref().map(|u| u.deadline);
+            let expiry = self.core.channels.values().map(|c| c.expires_at).min();
+            let auth = self.core.unauthenticated.as_ref().map(|u| u.deadline);
             let next = [expiry, auth].into_iter().flatten().fold(heartbeat_deadline, Instant::min);
             if timer.deadline() != next {
                 timer.as_mut().reset(next);
             }
             tokio::select! {
                 biased;
-                _ = handle.queue.pop_many(&mut batch, WRITE_BATCH) => {
+                _ = handle.queue().pop_many(&mut batch, WRITE_BATCH) => {
                     // A connection keeping up with a steady stream (a dashboard taking every
                     // change) gets its messages one at a time; if it wrote within the window it
                     // waits out the rest of it, so what arrives meanwhile shares this write: a
@@ -422,7 +408,7 @@ impl Session {
                         if let Some(hold) = last_write.map(|at| at + coalesce).filter(|h| *h > Instant::now()) {
                             // Boxed: only held connections carry a timer, not every idle task.
                             Box::pin(tokio::time::sleep_until(hold)).await;
-                            handle.queue.take(&mut batch, WRITE_BATCH - 1);
+                            handle.queue().take(&mut batch, WRITE_BATCH - 1);
                         }
                     }
                     if self.write_batch(&mut batch).await.is_err() {
@@ -431,39 +417,40 @@ impl Session {
                     last_write = Some(Instant::now());
                     batch.shrink_to(IDLE_BATCH);
                 }
-                incoming = self.socket.recv() => {
+                incoming = self.transport.recv() => {
                     heartbeat_deadline = Instant::now() + heartbeat_timeout;
-                    match incoming {
-                        Some(Ok(Message::Close(_))) => return Ending::ClosedByClient,
-                        None => return Ending::Gone,
-                        Some(Ok(message)) => {
-                            // Boxed, like the other client-frame handlers: their state
-                            // machines are large and would otherwise sit in every idle
-                            // connection's task.
-                            if Box::pin(self.handle_frame(message)).await.is_err() {
-                                return Ending::Gone;
-                            }
-                            // Cut off for what it sent: close now, not after what is buffered.
-                            if handle.is_kicked() {
-                                return handle.kicked();
-                            }
+                    let frame = match incoming {
+                        Incoming::Close => return Ending::ClosedByClient,
+                        Incoming::Gone => return Ending::Gone,
+                        Incoming::TooBig => {
+                            let max = self.core.state.config.max_message_bytes;
+                            return Ending::Close(close_code::TOO_BIG, format!("message larger than {max} bytes"));
                         }
-                        Some(Err(e)) => {
-                            let error = e.into_inner();
-                            if matches!(error.downcast_ref(), Some(tungstenite::Error::Capacity(_))) {
-                                return Ending::Close(
-                                    close_code::TOO_BIG,
-                                    format!("message larger than {} bytes", self.state.config.max_message_bytes),
-                                );
-                            }
-                            tracing::debug!(session = self.handle.id, error = %error, "socket error");
-                            return Ending::Gone;
+                        frame => frame,
+                    };
+                    let handled = match self.core.admit_frame() {
+                        // Control frames count against the rate only.
+                        Admission::Admitted if matches!(frame, Incoming::Control) => Ok(()),
+                        // Boxed, like the other client-frame handlers: their state machines
+                        // are large and would otherwise sit in every idle connection's task.
+                        Admission::Admitted => Box::pin(P::frame(self, frame)).await,
+                        Admission::Dropped { notice: Some(notice) } => {
+                            Box::pin(P::rate_notice(self, &notice)).await
                         }
+                        Admission::Dropped { notice: None } => Ok(()),
+                    };
+                    if handled.is_err() {
+                        return Ending::Gone;
+                    }
+                    // Cut off for what it sent: close now, not after what is buffered.
+                    if handle.is_kicked() {
+                        let (code, reason) = handle.kicked();
+                        return Ending::Close(code, reason);
                     }
                 }
                 _ = &mut timer => {
-                    if self.unauthenticated.as_ref().is_some_and(|u| Instant::now() >= u.deadline) {
-                        let within = self.state.config.auth_timeout.as_secs();
+                    if self.core.unauthenticated.as_ref().is_some_and(|u| Instant::now() >= u.deadline) {
+                        let within = self.core.state.config.auth_timeout.as_secs();
                         return Ending::Close(
                             close_code::AUTH_TIMEOUT,
                             format!("no valid token within {within}s: connect with an apikey or join with an access_token"),
@@ -484,20 +471,20 @@ impl Session {
     }
 
     /// Feeds a batch of queued messages and flushes once.
-    async fn write_batch(&mut self, batch: &mut Vec<Outbound>) -> Result<(), axum::Error> {
+    async fn write_batch(&mut self, batch: &mut Vec<Outbound>) -> Result<(), TransportError> {
         let oldest = batch.iter().map(|m| m.commit_time_micros).min().unwrap_or(0);
         let count: usize = batch.iter().map(|m| m.frames.len()).sum();
         for entry in batch.drain(..) {
             match entry.frames {
-                Frames::One(message) => self.socket.feed(message).await?,
+                Frames::One(message) => self.transport.feed(message).await?,
                 Frames::Run(run) => {
                     for message in run.iter() {
-                        self.socket.feed(message.clone()).await?;
+                        self.transport.feed(message.clone()).await?;
                     }
                 }
             }
         }
-        self.socket.flush().await?;
+        self.transport.flush().await?;
         let meters = write_meters();
         meters.sent.increment(count as u64);
         if oldest > 0 {
@@ -507,600 +494,15 @@ impl Session {
         Ok(())
     }
 
-    async fn send_text(&mut self, text: String) -> Result<(), axum::Error> {
-        self.socket.send(Message::Text(text.into())).await
-    }
-
-    async fn reply(&mut self, to: &Frame, status: &str, response: Value) -> Result<(), axum::Error> {
-        let text = phoenix::reply(self.handle.wire.vsn(), to, status, response);
-        self.send_text(text).await
-    }
-
-    async fn reply_error(&mut self, to: &Frame, reason: impl Into<String>) -> Result<(), axum::Error> {
-        let reason = reason.into();
-        tracing::info!(
-            session = self.handle.id,
-            topic = %crate::text::clip(&to.topic, MAX_TOPIC_BYTES),
-            event = %crate::text::clip(&to.event, crate::text::NAME_CHARS),
-            reason = %reason,
-            "refused"
-        );
-        self.reply(to, "error", json!({ "reason": reason })).await
-    }
-
-    /// An error that cannot be a reply (the frame could not be read): sent as `phx_error` on the
-    /// `phoenix` topic; the connection stays open.
-    async fn send_error_notice(&mut self, reason: &str) -> Result<(), axum::Error> {
-        tracing::info!(session = self.handle.id, reason, "bad frame");
-        self.send_phoenix_error(reason).await
-    }
-
-    /// `phx_error` on the `phoenix` topic: for what concerns the connection, not a channel.
-    async fn send_phoenix_error(&mut self, reason: &str) -> Result<(), axum::Error> {
-        let text = phoenix::encode(
-            self.handle.wire.vsn(),
-            None,
-            None,
-            "phoenix",
-            "phx_error",
-            &json!({ "reason": reason }),
-        );
-        self.send_text(text).await
-    }
-
-    /// One client frame, valid or not: counted against the rate limit before any of it is
-    /// parsed, so a flood of garbage costs no more than a flood of heartbeats.
-    async fn handle_frame(&mut self, message: Message) -> Result<(), axum::Error> {
-        if self.limiter.check().is_err() {
-            return self.over_rate().await;
-        }
-        match message {
-            Message::Text(text) => self.handle_text(text.as_str()).await,
-            Message::Binary(bytes) => self.handle_binary(&bytes).await,
-            // Pings are answered by the WebSocket library; they count against the rate only.
-            _ => Ok(()),
-        }
-    }
-
-    /// A frame over `max_messages_per_second`: dropped unread. The first drop in a second
-    /// gets a `phx_error` notice; a client that sends twice its rate within a second (it is
-    /// not slowing down) is disconnected.
-    async fn over_rate(&mut self) -> Result<(), axum::Error> {
-        metrics::counter!("pgcast_rate_limited_total").increment(1);
-        let rate = self.state.config.max_messages_per_second;
-        let now = Instant::now();
-        let penalties = self.penalties.get_or_insert_with(|| Box::new(Penalties::new(now)));
-        let first_in_window = penalties.dropped_frame(now);
-        if penalties.dropped >= rate.max(MIN_DROPS_BEFORE_CUT) {
-            let reason = format!("rate limit exceeded: more than twice {rate} messages per second");
-            self.handle.kick(close_code::POLICY_VIOLATION, reason);
-            return Ok(());
-        }
-        if !first_in_window {
-            return Ok(());
-        }
-        tracing::info!(session = self.handle.id, "rate limit exceeded; frames dropped");
-        let reason = format!("rate limit exceeded: at most {rate} messages per second; frames are dropped");
-        self.send_phoenix_error(&reason).await
-    }
-
-    /// A frame that could not be read: `phx_error` with the reason.
-    async fn malformed(&mut self, reason: &str) -> Result<(), axum::Error> {
-        if self.strike() {
-            return Ok(());
-        }
-        self.send_error_notice(reason).await
-    }
-
-    /// Counts a malformed frame (or an unusable topic); a client that keeps sending them
-    /// (`MAX_MALFORMED` within `MALFORMED_WINDOW`) is cut off, and `true` says so.
-    fn strike(&mut self) -> bool {
-        let now = Instant::now();
-        let penalties = self.penalties.get_or_insert_with(|| Box::new(Penalties::new(now)));
-        if penalties.malformed_frame(now) < MAX_MALFORMED {
-            return false;
-        }
-        let reason =
-            format!("too many malformed frames: {MAX_MALFORMED} within {}s", MALFORMED_WINDOW.as_secs());
-        self.handle.kick(close_code::INVALID_PAYLOAD, reason);
-        true
-    }
-
-    async fn handle_text(&mut self, text: &str) -> Result<(), axum::Error> {
-        let frame = match phoenix::decode(self.handle.wire.vsn(), text) {
-            Ok(frame) => frame,
-            Err(e) => return self.malformed(&e.to_string()).await,
-        };
-        if frame.topic == "phoenix" {
-            return match frame.event.as_str() {
-                "heartbeat" => self.reply(&frame, "ok", json!({})).await,
-                other => {
-                    let other = crate::text::clip(other, crate::text::NAME_CHARS);
-                    self.reply_error(&frame, format!("unknown event {other} on topic phoenix")).await
-                }
-            };
-        }
-        match frame.event.as_str() {
-            "phx_join" => self.join(frame).await,
-            _ if !self.channels.contains_key(&frame.topic) => {
-                self.reply_error(&frame, "unmatched topic: join the channel first").await
+    /// Closes every channel whose token has expired, telling the client why.
+    async fn expire_channels(&mut self) -> Result<(), TransportError> {
+        for (topic, reason) in self.core.expired() {
+            if let Some(channel) = self.core.leave(&topic) {
+                P::channel_closed(self, &topic, channel, reason).await?;
             }
-            "phx_leave" => {
-                self.leave(&frame.topic);
-                self.reply(&frame, "ok", json!({})).await?;
-                let close = phoenix::encode(
-                    self.handle.wire.vsn(),
-                    frame.join_ref.as_deref(),
-                    None,
-                    &frame.topic,
-                    "phx_close",
-                    &json!({}),
-                );
-                self.send_text(close).await
-            }
-            "access_token" => self.refresh_token(frame).await,
-            "broadcast" => self.broadcast(frame).await,
-            "presence" => self.presence(frame).await,
-            other => {
-                let reason = format!("unknown event {}", crate::text::clip(other, crate::text::NAME_CHARS));
-                self.reply_error(&frame, reason).await
-            }
-        }
-    }
-
-    /// Resolves the token for a join: the join's `access_token`, else the connection's `apikey`.
-    fn verify_token(&self, access_token: Option<&str>) -> Result<Claims, String> {
-        match (access_token, self.apikey.as_deref()) {
-            (Some(token), _) => {
-                self.state.verifier.verify(token).map_err(|e| format!("invalid access_token: {e}"))
-            }
-            (None, Some(apikey)) => {
-                self.state.verifier.verify(apikey).map_err(|e| format!("invalid apikey: {e}"))
-            }
-            (None, None) => Err(AuthError::Missing.to_string()),
-        }
-    }
-
-    async fn join(&mut self, frame: Frame) -> Result<(), axum::Error> {
-        // Before anything about the join is logged or audited: the topic is the client's text.
-        if let Err(reason) = check_topic(&frame.topic) {
-            metrics::counter!("pgcast_joins_refused_total").increment(1);
-            // Audited as a bounded prefix (`AuditEvent::channel`), like every client field.
-            self.audit(AuditEvent::new(Action::JoinRefused).channel(&frame.topic).detail(reason.clone()));
-            if self.strike() {
-                return Ok(());
-            }
-            return self.reply_error(&frame, reason).await;
-        }
-        // Joining a topic again replaces the previous membership, as in Phoenix.
-        if self.channels.contains_key(&frame.topic) {
-            self.leave(&frame.topic);
-        }
-        let access_token = frame.payload.get("access_token").and_then(Value::as_str);
-        let claims = match self.verify_token(access_token) {
-            Ok(claims) => {
-                // A verified token: the connection is no longer unauthenticated.
-                self.unauthenticated = None;
-                claims
-            }
-            Err(reason) => {
-                metrics::counter!("pgcast_auth_failures_total").increment(1);
-                self.audit(AuditEvent::new(Action::AuthFailure).channel(&frame.topic).detail(reason.clone()));
-                return self.reply_error(&frame, reason).await;
-            }
-        };
-        if self.channels.len() >= self.state.config.max_channels_per_connection {
-            let reason = format!(
-                "too many channels: at most {} per connection",
-                self.state.config.max_channels_per_connection
-            );
-            return self.refuse_join(&frame, &claims, reason).await;
-        }
-        if let (None, Some(user)) = (&self.counted_user, &claims.sub) {
-            if !self.state.user_connected(user) {
-                let reason = format!(
-                    "too many connections for this user: at most {}",
-                    self.state.config.max_connections_per_user
-                );
-                self.refuse_join(&frame, &claims, reason.clone()).await?;
-                self.handle.kick(close_code::TOO_MANY_CONNECTIONS, reason);
-                return Ok(());
-            }
-            self.counted_user = Some(user.clone());
-        }
-        let bindings = match frame.payload.pointer("/config/postgres_changes") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => items.clone(),
-            Some(_) => {
-                let reason = "config.postgres_changes must be an array";
-                return self.refuse_join(&frame, &claims, reason.into()).await;
-            }
-        };
-        let private = frame.payload.pointer("/config/private").and_then(Value::as_bool).unwrap_or(false);
-        let access = self.state.policy.channel_access(channel_name(&frame.topic), private, &claims);
-        if !access.read && !access.write {
-            let reason = if private {
-                format!(
-                    "role {:?} is not allowed to join private channel {:?}",
-                    claims.role,
-                    channel_name(&frame.topic)
-                )
-            } else {
-                "public channels are disabled: join with config.private = true".to_string()
-            };
-            return self.reply_error(&frame, reason).await;
-        }
-        if !bindings.is_empty() && !access.read {
-            let reason =
-                format!("role {:?} may not read channel {:?}", claims.role, channel_name(&frame.topic));
-            return self.refuse_join(&frame, &claims, reason).await;
-        }
-        let topic: Arc<str> = Arc::from(frame.topic.as_str());
-        let resume = match parse_resume(&frame.payload) {
-            Ok(resume) => resume,
-            Err(reason) => return self.refuse_join(&frame, &claims, reason).await,
-        };
-        // A resuming subscription never receives a change at or before its position live
-        // (a restarted server streams the last changes again).
-        let floor = resume.as_ref().map(|(_, position)| *position);
-        let (subscriptions, response) =
-            match subscribe::subscribe(&self.state, &self.handle, &topic, &bindings, &claims, floor).await {
-                Ok(result) => result,
-                Err(reason) => return self.refuse_join(&frame, &claims, reason).await,
-            };
-        // Snapshot the history and go live under the history lock: the router appends and
-        // routes under it too, so every change is either in the snapshot or delivered live.
-        let history = self.state.history.lock().await;
-        // Where this subscription starts: everything after `head` reaches it (replayed or live),
-        // so a client that receives nothing before its next reconnect can resume from here.
-        let head = (history.head(), history.epoch().to_string());
-        let replay =
-            resume.as_ref().map(|(epoch, position)| (history.since(epoch, *position), head.1.clone()));
-        self.state.index_insert(&subscriptions);
-        drop(history);
-        let config = |pointer: &str| frame.payload.pointer(pointer);
-        let receive_own = config("/config/broadcast/self").and_then(Value::as_bool).unwrap_or(false);
-        let ack = config("/config/broadcast/ack").and_then(Value::as_bool).unwrap_or(false);
-        let presence_enabled = config("/config/presence/enabled").and_then(Value::as_bool).unwrap_or(false);
-        let presence_key = config("/config/presence/key")
-            .and_then(Value::as_str)
-            .filter(|key| !key.is_empty())
-            .map(Box::from);
-        let member =
-            crate::broadcast::Member { session: self.handle.clone(), can_read: access.read, receive_own };
-        let broadcast_replay = match parse_broadcast_resume(&frame.payload) {
-            Ok(Some((seq, epoch))) => Some(self.state.hub.join_resuming(&topic, member, seq, &epoch)),
-            Ok(None) => {
-                self.state.hub.join(&topic, member);
-                None
-            }
-            Err(reason) => {
-                self.state.index_remove(&subscriptions);
-                return self.refuse_join(&frame, &claims, reason).await;
-            }
-        };
-        let expires_at = claims.expires_at();
-        tracing::info!(
-            session = self.handle.id,
-            topic = %frame.topic,
-            role = %claims.role,
-            user = claims.sub.as_deref().unwrap_or(""),
-            bindings = subscriptions.len(),
-            "joined"
-        );
-        let identity = claims.identity();
-        self.audit(AuditEvent::new(Action::Join).identity(Some(&identity)).channel(&frame.topic));
-        let has_changes = !subscriptions.is_empty();
-        self.channels.insert(
-            frame.topic.clone(),
-            Box::new(JoinedChannel {
-                join_ref: frame.join_ref.as_deref().map(Box::from),
-                bindings: (!bindings.is_empty()).then(|| Value::from(bindings).to_string().into_boxed_str()),
-                subscriptions,
-                identity,
-                expires_at,
-                private,
-                access,
-                ack,
-                presence_key,
-                presence_synced: false,
-            }),
-        );
-        metrics::gauge!("pgcast_channels").increment(1.0);
-        if self.state.config.panic_on_join_topic.as_deref() == Some(frame.topic.as_str()) {
-            // Fault injection for tests/session_panics.rs: a panic once the join holds
-            // everything a join takes (subscriptions, hub membership, the user's slot).
-            panic!("fault injection: panic_on_join_topic {:?}", frame.topic);
-        }
-        self.reply(&frame, "ok", json!({ "postgres_changes": response })).await?;
-        if has_changes {
-            let payload = json!({
-                "message": "Subscribed to PostgreSQL",
-                "status": "ok",
-                "extension": "postgres_changes",
-                "channel": channel_name(&frame.topic),
-                "pgcast": { "position": head.0.to_string(), "epoch": head.1 },
-            });
-            let text = phoenix::encode(
-                self.handle.wire.vsn(),
-                frame.join_ref.as_deref(),
-                None,
-                &frame.topic,
-                "system",
-                &payload,
-            );
-            self.send_text(text).await?;
-        }
-        if let Some((result, epoch)) = replay {
-            self.replay(&frame, result, &epoch).await?;
-        }
-        if let Some(result) = broadcast_replay {
-            self.replay_broadcasts(&frame, result).await?;
-        }
-        if presence_enabled {
-            self.sync_presence(&frame.topic).await?;
         }
         Ok(())
     }
-
-    /// Sends the broadcasts a resuming member missed, or tells it to resync them.
-    async fn replay_broadcasts(
-        &mut self,
-        frame: &Frame,
-        result: Result<Vec<Message>, crate::broadcast::BroadcastResync>,
-    ) -> Result<(), axum::Error> {
-        let epoch = self.state.hub.epoch().to_string();
-        let outcome = match result {
-            Ok(messages) => {
-                let replayed = messages.len();
-                for message in messages {
-                    self.socket.feed(message).await?;
-                }
-                Ok(format!("resumed: {replayed} missed broadcasts replayed"))
-            }
-            Err(reason) => Err(reason.to_string()),
-        };
-        self.send_resume_notice(frame, Some("broadcast"), outcome, &epoch).await
-    }
-
-    /// The `system` message (`extension: "pgcast"`) that ends a resume: `ok` with what was
-    /// replayed, or `resync_required` with the reason and the current epoch.
-    async fn send_resume_notice(
-        &mut self,
-        frame: &Frame,
-        scope: Option<&str>,
-        outcome: Result<String, String>,
-        epoch: &str,
-    ) -> Result<(), axum::Error> {
-        let topic = frame.topic.as_str();
-        let (status, message) = match outcome {
-            Ok(message) => ("ok", message),
-            Err(reason) => ("resync_required", format!("resync required: {reason}")),
-        };
-        let mut payload = json!({
-            "message": message,
-            "status": status,
-            "extension": "pgcast",
-            "channel": channel_name(topic),
-            "epoch": epoch,
-        });
-        if let Some(scope) = scope {
-            payload["scope"] = json!(scope);
-        }
-        let text = phoenix::encode(
-            self.handle.wire.vsn(),
-            frame.join_ref.as_deref(),
-            None,
-            topic,
-            "system",
-            &payload,
-        );
-        self.send_text(text).await
-    }
-
-    /// Sends a resuming channel what it missed (written before anything queued live), or tells
-    /// it to resync.
-    async fn replay(
-        &mut self,
-        frame: &Frame,
-        entries: Result<Vec<(Position, Arc<Transaction>, usize)>, ResyncReason>,
-        epoch: &str,
-    ) -> Result<(), axum::Error> {
-        let topic = frame.topic.as_str();
-        let entries = match entries {
-            Ok(entries) => entries,
-            Err(reason) => {
-                metrics::counter!("pgcast_resyncs_total").increment(1);
-                return self.send_resume_notice(frame, None, Err(reason.to_string()), epoch).await;
-            }
-        };
-        let subscriptions = self.channels.get(topic).map(|c| c.subscriptions.clone()).unwrap_or_default();
-        let mut index = Index::default();
-        for sub in subscriptions {
-            index.insert(sub);
-        }
-        let index = std::sync::RwLock::new(index);
-        let mut fanout = Fanout::default();
-        let mut messages = Vec::new();
-        for (position, tx, i) in &entries {
-            let mut collect = |_: &Arc<SessionHandle>, message: Message| {
-                messages.push(message);
-                true
-            };
-            let rls = self.state.rls.as_deref();
-            fanout.route(tx, &tx.changes[*i], *position, epoch, &index, rls, &mut collect).await;
-        }
-        let replayed = messages.len();
-        for message in messages {
-            self.socket.feed(message).await?;
-        }
-        self.socket.flush().await?;
-        metrics::counter!("pgcast_replayed_total").increment(replayed as u64);
-        let message = format!("resumed: {replayed} missed changes replayed");
-        self.send_resume_notice(frame, None, Ok(message), epoch).await
-    }
-
-    async fn refuse_join(
-        &mut self,
-        frame: &Frame,
-        claims: &Claims,
-        reason: String,
-    ) -> Result<(), axum::Error> {
-        metrics::counter!("pgcast_joins_refused_total").increment(1);
-        self.audit(
-            AuditEvent::new(Action::JoinRefused)
-                .claims(Some(claims))
-                .channel(&frame.topic)
-                .detail(reason.clone()),
-        );
-        self.reply_error(frame, reason).await
-    }
-
-    /// Records an audit event with this connection's address.
-    fn audit(&self, event: AuditEvent) {
-        self.state.audit.record(event.peer(Some(self.peer)));
-    }
-
-    fn leave(&mut self, topic: &str) {
-        let Some(channel) = self.channels.remove(topic) else { return };
-        self.audit(AuditEvent::new(Action::Leave).identity(Some(&channel.identity)).channel(topic));
-        self.state.index_remove(&channel.subscriptions);
-        self.state.hub.leave(topic, self.handle.id);
-        if let Some(diff) = self.state.presence.untrack(topic, self.handle.id) {
-            self.state.deliver_presence_diff(topic, &diff);
-        }
-        metrics::gauge!("pgcast_channels").decrement(1.0);
-        tracing::info!(session = self.handle.id, topic, "left");
-    }
-
-    fn leave_all(&mut self) {
-        let topics: Vec<String> = self.channels.keys().cloned().collect();
-        for topic in topics {
-            self.leave(&topic);
-        }
-    }
-
-    /// Tells the client a channel is closed by the server: a `system` error, then `phx_close`.
-    async fn close_channel(&mut self, topic: &str, message: String) -> Result<(), axum::Error> {
-        let join_ref = self.channels.get(topic).and_then(|c| c.join_ref.clone());
-        self.leave(topic);
-        let payload = json!({
-            "message": message,
-            "status": "error",
-            "extension": "system",
-            "channel": channel_name(topic),
-        });
-        let vsn = self.handle.wire.vsn();
-        self.send_text(phoenix::encode(vsn, join_ref.as_deref(), None, topic, "system", &payload)).await?;
-        self.send_text(phoenix::encode(vsn, join_ref.as_deref(), None, topic, "phx_close", &json!({}))).await
-    }
-
-    /// `access_token`: the channel continues under the new token. Its subscriptions are bound
-    /// again with the new claims, so a changed `sub`, role or tenant takes effect at once.
-    async fn refresh_token(&mut self, frame: Frame) -> Result<(), axum::Error> {
-        let Some(token) = frame.payload.get("access_token").and_then(Value::as_str) else {
-            return self.reply_error(&frame, "access_token payload needs an access_token string").await;
-        };
-        let claims = match self.state.verifier.verify(token) {
-            Ok(claims) => claims,
-            Err(e) => {
-                metrics::counter!("pgcast_auth_failures_total").increment(1);
-                let reason = format!("invalid access_token: {e}");
-                self.audit(AuditEvent::new(Action::AuthFailure).channel(&frame.topic).detail(reason.clone()));
-                return self.close_channel(&frame.topic, reason).await;
-            }
-        };
-        let Some(channel) = self.channels.get(&frame.topic) else { return Ok(()) };
-        let access = self.state.policy.channel_access(channel_name(&frame.topic), channel.private, &claims);
-        if !access.admits(channel.bindings.is_some()) {
-            let message =
-                format!("role {:?} may not stay on channel {:?}", claims.role, channel_name(&frame.topic));
-            return self.close_channel(&frame.topic, message).await;
-        }
-        let topic: Arc<str> = Arc::from(frame.topic.as_str());
-        // Written by `join` from parsed JSON, so it parses.
-        let bindings: Vec<Value> =
-            channel.bindings.as_deref().and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default();
-        let subscriptions =
-            match subscribe::subscribe(&self.state, &self.handle, &topic, &bindings, &claims, None).await {
-                Ok((subscriptions, _)) => subscriptions,
-                Err(reason) => return self.close_channel(&frame.topic, reason).await,
-            };
-        let Some(channel) = self.channels.get_mut(&frame.topic) else { return Ok(()) };
-        self.state.index_remove(&channel.subscriptions);
-        self.state.index_insert(&subscriptions);
-        channel.subscriptions = subscriptions;
-        channel.expires_at = claims.expires_at();
-        channel.identity = claims.identity();
-        channel.access = access;
-        let receive_own = self.state.hub.receives_own(&frame.topic, self.handle.id);
-        self.state.hub.join(
-            &topic,
-            crate::broadcast::Member { session: self.handle.clone(), can_read: access.read, receive_own },
-        );
-        self.audit(AuditEvent::new(Action::TokenRefresh).claims(Some(&claims)).channel(&frame.topic));
-        self.reply(&frame, "ok", json!({})).await
-    }
-
-    async fn expire_channels(&mut self) -> Result<(), axum::Error> {
-        let now = Instant::now();
-        let expired: Vec<String> =
-            self.channels.iter().filter(|(_, c)| c.expires_at <= now).map(|(t, _)| t.clone()).collect();
-        for topic in expired {
-            let exp = self.channels.get(&topic).map(|c| c.identity.exp).unwrap_or(0);
-            let ago = crate::auth::now_secs().saturating_sub(exp);
-            self.close_channel(&topic, format!("Token has expired {ago} seconds ago")).await?;
-        }
-        Ok(())
-    }
-}
-
-/// Sends a Close frame and waits for the client's (RFC 6455 7.1.1), discarding what it sent
-/// before it. Closing a socket with unread bytes makes the kernel reset the connection, and the
-/// reset can destroy the close frame (with its reason) before the client reads it; a flooding
-/// client always has unread bytes.
-async fn close_handshake(socket: &mut WebSocket, frame: CloseFrame) -> Result<(), axum::Error> {
-    socket.send(Message::Close(Some(frame))).await?;
-    while let Some(Ok(message)) = socket.recv().await {
-        if matches!(message, Message::Close(_)) {
-            break;
-        }
-    }
-    Ok(())
-}
-
-impl Drop for Session {
-    /// However the session ends (returned, cut off, or unwinding from a panic), what it holds is
-    /// released and it stops counting as a connection.
-    fn drop(&mut self) {
-        self.release();
-        metrics::gauge!("pgcast_connections").decrement(1.0);
-    }
-}
-
-/// `config.resume: {position, epoch}` of a join: where a returning client left off.
-fn parse_resume(payload: &Value) -> Result<Option<(String, Position)>, String> {
-    let Some(resume) = payload.pointer("/config/resume").filter(|v| !v.is_null()) else { return Ok(None) };
-    if resume.get("position").is_none() && resume.get("epoch").is_none() {
-        // Only `resume.broadcast` was given.
-        return Ok(None);
-    }
-    let position =
-        resume.get("position").and_then(Value::as_str).ok_or("config.resume needs a position string")?;
-    let epoch = resume.get("epoch").and_then(Value::as_str).ok_or("config.resume needs an epoch string")?;
-    Ok(Some((epoch.to_string(), position.parse()?)))
-}
-
-/// `config.resume.broadcast: {seq, epoch}`: the last broadcast a returning client received.
-fn parse_broadcast_resume(payload: &Value) -> Result<Option<(u64, String)>, String> {
-    let Some(resume) = payload.pointer("/config/resume/broadcast").filter(|v| !v.is_null()) else {
-        return Ok(None);
-    };
-    let seq =
-        resume.get("seq").and_then(Value::as_u64).ok_or("config.resume.broadcast needs a numeric seq")?;
-    let epoch =
-        resume.get("epoch").and_then(Value::as_str).ok_or("config.resume.broadcast needs an epoch")?;
-    Ok(Some((seq, epoch.to_string())))
 }
 
 /// Longest topic a channel may have: what realtime-js's binary broadcast frame can carry (a

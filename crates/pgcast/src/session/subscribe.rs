@@ -13,7 +13,7 @@ use crate::router::filter::{EventFilter, Filter};
 use crate::router::index::Subscription;
 use crate::server::AppState;
 
-use super::SessionHandle;
+use crate::outbound::SessionHandle;
 
 /// PostgreSQL's identifier length (NAMEDATALEN - 1).
 const MAX_NAME_BYTES: usize = 63;

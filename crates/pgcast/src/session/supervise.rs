@@ -19,7 +19,8 @@ use std::task::{Context, Poll};
 
 use futures_util::FutureExt;
 
-use super::Session;
+use super::transport::Transport;
+use super::{Protocol, Session};
 
 thread_local! {
     /// The session being polled on this thread (0: none).
@@ -41,7 +42,7 @@ const MESSAGE_CHARS: usize = 300;
 /// A plain function returning a future, not an `async fn`: an `async fn` keeps its argument
 /// and the pinned copy in its state, and that state lives in every connection's task for the
 /// connection's whole life (measured: 4,096 bytes instead of 2,048, +2 KiB per connection).
-pub fn run(session: Session) -> impl Future<Output = ()> {
+pub fn run<P: Protocol, T: Transport>(session: Session<P, T>) -> impl Future<Output = ()> {
     install_hook();
     let id = session.id();
     let session = session.run();

@@ -129,7 +129,7 @@ mod tests {
     use super::*;
     use axum::extract::ws::Message;
 
-    use crate::session::Frames;
+    use crate::outbound::Frames;
 
     fn item(n: i64) -> Outbound {
         Outbound { frames: Frames::One(Message::Text(n.to_string().into())), commit_time_micros: n }
