@@ -25,8 +25,8 @@ use crate::protocol::BroadcastPayload;
 use crate::protocol::Wire;
 use crate::server::{update_gauges, AppState};
 use crate::session::phoenix::Phoenix;
-use crate::session::transport::WebSocketTransport;
 use crate::session::{Core, Session, Unauthenticated};
+use crate::transport::WebSocketTransport;
 
 /// Bytes the WebSocket reader buffers per connection; tungstenite's default (128 KiB) would
 /// dominate per-connection memory. Client frames are small (heartbeats, joins, broadcasts); a

@@ -37,6 +37,13 @@ enum Command {
     },
     /// Print a signed HS256 token for testing clients.
     Token(TokenArgs),
+    /// Serve the Engine.IO/Socket.IO conformance fixture (echo handlers at /engine.io/ and
+    /// /socket.io/, pingInterval 300 ms, pingTimeout 200 ms) for the upstream protocol suites.
+    Conformance {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:3000")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Args)]
@@ -168,6 +175,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let claims = token_claims(&args.role, args.sub.as_deref(), args.ttl);
             println!("{}", pgcast::auth::sign(&args.jwt_secret, &claims)?);
             Ok(())
+        }
+        Command::Conformance { listen } => {
+            pgcast::conformance::serve(listen).await.with_context(|| format!("cannot serve on {listen}"))
         }
     }
 }

@@ -7,6 +7,7 @@
 use axum::extract::ws::Message;
 
 pub mod phoenix;
+pub mod socketio;
 
 /// The wire format of one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

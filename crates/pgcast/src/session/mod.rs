@@ -6,7 +6,8 @@
 //!   records (metrics, audit); it writes nothing to the client.
 //! - the **protocol adapter** (a [`Protocol`]; `phoenix.rs` for Supabase Realtime): reads client
 //!   frames into requests for the core and renders the core's answers and refusals as frames.
-//! - the **transport** (`transport.rs`; the WebSocket today): frames in, frames out, close.
+//! - the **transport** (`crate::transport`: a WebSocket, or Engine.IO's polling and WebSocket):
+//!   frames in, frames out, close.
 //!
 //! [`Session`] ties the three together and runs the connection: the bounded outbound queue the
 //! router and the hub fill (see `outbound`), the batching writer, the heartbeat, token-expiry
@@ -39,11 +40,10 @@ mod messages;
 pub mod phoenix;
 mod subscribe;
 pub mod supervise;
-pub mod transport;
 
+use crate::transport::{Incoming, Transport, TransportError};
 pub use error::{JoinError, RefreshError, SendError, TokenError, TokenSource};
 pub use join::JoinRequest;
-use transport::{Incoming, Transport, TransportError};
 
 /// Most frames taken from the queue for one flush (a larger transaction goes whole).
 const WRITE_BATCH: usize = 64;

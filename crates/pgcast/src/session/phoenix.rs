@@ -8,10 +8,10 @@
 
 use serde_json::{json, Map, Value};
 
-use super::transport::{Incoming, Transport, TransportError};
 use super::{channel_name, JoinError, JoinRequest, JoinedChannel, Protocol, Session, MAX_TOPIC_BYTES};
 use crate::protocol::phoenix::{self, decode_binary_push, Frame};
 use crate::protocol::BroadcastPayload;
+use crate::transport::{Incoming, Transport, TransportError};
 
 /// The Phoenix protocol, with the serializer the connection asked for (`vsn`).
 pub struct Phoenix {

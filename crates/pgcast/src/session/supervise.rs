@@ -19,8 +19,8 @@ use std::task::{Context, Poll};
 
 use futures_util::FutureExt;
 
-use super::transport::Transport;
 use super::{Protocol, Session};
+use crate::transport::Transport;
 
 thread_local! {
     /// The session being polled on this thread (0: none).

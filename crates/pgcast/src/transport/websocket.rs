@@ -1,66 +1,10 @@
-//! A session's transport: frames in, frames out, and how the connection is closed. The WebSocket
-//! (axum's) is the one transport today; Engine.IO's long-polling and SSE are the next.
-//!
-//! Bytes only: what a frame means is the protocol adapter's business, and what is sent when is
-//! the session's. A transport error means the connection is gone; its detail is only logged.
+//! The plain WebSocket transport (axum's), as the Supabase Realtime endpoint speaks it: one
+//! protocol frame per WebSocket message, RFC 6455 close handshake in both directions.
 
-use std::future::Future;
-use std::time::Duration;
-
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use bytes::Bytes;
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 
-/// How long a close frame may take to reach a client before the connection is dropped anyway.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// What the client sent.
-#[derive(Debug)]
-pub enum Incoming {
-    Text(Utf8Bytes),
-    Binary(Bytes),
-    /// A frame with nothing for the protocol (a WebSocket ping or pong, answered by the
-    /// library): it still counts against the rate limit.
-    Control,
-    /// The client is closing the connection.
-    Close,
-    /// The client sent a frame larger than the limit; the connection cannot continue.
-    TooBig,
-    /// The connection is gone (closed without a close frame, or broken).
-    Gone,
-}
-
-/// The connection could not be written: it is gone.
-#[derive(Debug, thiserror::Error)]
-#[error("connection lost: {0}")]
-pub struct TransportError(#[source] Box<dyn std::error::Error + Send + Sync>);
-
-/// Frames in and out of one client connection.
-pub trait Transport: Send {
-    /// The next frame from the client.
-    fn recv(&mut self) -> impl Future<Output = Incoming> + Send;
-
-    /// Queues a frame for the next flush.
-    fn feed(&mut self, message: Message) -> impl Future<Output = Result<(), TransportError>> + Send;
-
-    /// Writes everything fed.
-    fn flush(&mut self) -> impl Future<Output = Result<(), TransportError>> + Send;
-
-    /// Closes the connection with `code` and `reason`, waiting (within [`CLOSE_TIMEOUT`]) for
-    /// the client to take it.
-    fn close(&mut self, code: u16, reason: &str) -> impl Future<Output = ()> + Send;
-
-    /// The client closed: flush what the transport owes it in reply.
-    fn closed_by_client(&mut self) -> impl Future<Output = ()> + Send;
-
-    /// Feeds and flushes one frame.
-    fn send(&mut self, message: Message) -> impl Future<Output = Result<(), TransportError>> + Send {
-        async move {
-            self.feed(message).await?;
-            self.flush().await
-        }
-    }
-}
+use super::{Incoming, Transport, TransportError, CLOSE_TIMEOUT};
 
 /// A WebSocket upgraded by axum.
 pub struct WebSocketTransport {

@@ -1,0 +1,111 @@
+// The official socket.io-client (npm) against pgcast's Engine.IO transport and Socket.IO framing,
+// wired to the conformance echo handlers (`pgcast conformance`): the default transports
+// (long-polling, then the upgrade to WebSocket), WebSocket only, acks, binary attachments,
+// namespaces, and a refused namespace.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { io } from 'socket.io-client';
+import { BIN, freePort, waitFor } from './demo.mjs';
+
+let server;
+let url;
+
+before(async () => {
+  const port = await freePort();
+  url = `http://127.0.0.1:${port}`;
+  server = spawn(BIN, ['conformance', '--listen', `127.0.0.1:${port}`], {
+    stdio: ['ignore', 'inherit', 'inherit'],
+    env: { ...process.env, PGCAST_LOG: 'warn' },
+  });
+  const deadline = Date.now() + 15_000;
+  for (;;) {
+    try {
+      const res = await fetch(`${url}/socket.io/?EIO=4&transport=polling`);
+      if (res.status === 200) break;
+    } catch {
+      // not listening yet
+    }
+    if (Date.now() > deadline) throw new Error('conformance server did not start');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+});
+
+after(() => {
+  server?.kill('SIGTERM');
+});
+
+function connect(nsp = '/', opts = {}) {
+  return io(`${url}${nsp}`, { reconnection: false, forceNew: true, ...opts });
+}
+
+function once(socket, event) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no ${event} within 10 s`)), 10_000);
+    socket.once(event, (...args) => {
+      clearTimeout(timer);
+      resolve(args);
+    });
+  });
+}
+
+for (const [name, opts] of [
+  ['default transports (polling, then upgrade)', {}],
+  ['WebSocket only', { transports: ['websocket'] }],
+]) {
+  test(`${name}: connect with auth, events, acks and binary round trip`, async () => {
+    const socket = connect('/', { ...opts, auth: { token: 'abc' } });
+    const [auth] = await once(socket, 'auth');
+    assert.deepEqual(auth, { token: 'abc' }, 'the CONNECT payload reaches the server');
+    assert.equal(typeof socket.id, 'string');
+
+    const back = once(socket, 'message-back');
+    socket.emit('message', 1, 'two', { three: [true] });
+    assert.deepEqual(await back, [1, 'two', { three: [true] }]);
+
+    const acked = await socket.timeout(5000).emitWithAck('message-with-ack', 'x', { y: 2 });
+    assert.deepEqual(acked, 'x', 'the ack carries the arguments (the first is resolved)');
+
+    const binary = once(socket, 'message-back');
+    socket.emit('message', Buffer.from([1, 2, 3]), { nested: Buffer.from([4, 5]) });
+    const [first, second] = await binary;
+    assert.deepEqual([...new Uint8Array(first)], [1, 2, 3]);
+    assert.deepEqual([...new Uint8Array(second.nested)], [4, 5]);
+
+    if (!opts.transports) {
+      await waitFor('the upgrade to WebSocket', () => socket.io.engine?.transport?.name === 'websocket');
+      const again = once(socket, 'message-back');
+      socket.emit('message', 'after upgrade');
+      assert.deepEqual(await again, ['after upgrade']);
+    } else {
+      assert.equal(socket.io.engine.transport.name, 'websocket');
+    }
+    socket.disconnect();
+  });
+}
+
+test('a custom namespace connects; an unknown one is refused with connect_error', async () => {
+  const custom = connect('/custom');
+  const [auth] = await once(custom, 'auth');
+  assert.deepEqual(auth, {});
+  custom.disconnect();
+
+  const unknown = connect('/random');
+  const [error] = await once(unknown, 'connect_error');
+  assert.equal(error.message, 'Invalid namespace');
+  unknown.disconnect();
+});
+
+test('the connection survives heartbeats: pings answered by the client keep it open', async () => {
+  const socket = connect('/', { transports: ['websocket'] });
+  await once(socket, 'auth');
+  // pingInterval is 300 ms and pingTimeout 200 ms: without pongs it would be gone by 500 ms.
+  let pings = 0;
+  socket.io.engine.on('ping', () => pings++);
+  await waitFor('four server pings', () => pings >= 4);
+  assert.equal(socket.connected, true);
+  const back = once(socket, 'message-back');
+  socket.emit('message', 'still here');
+  assert.deepEqual(await back, ['still here']);
+  socket.disconnect();
+});
