@@ -109,3 +109,63 @@ test('the connection survives heartbeats: pings answered by the client keep it o
   assert.deepEqual(await back, ['still here']);
   socket.disconnect();
 });
+
+async function handshake() {
+  const res = await fetch(`${url}/socket.io/?EIO=4&transport=polling`);
+  assert.equal(res.status, 200);
+  const body = await res.text();
+  assert.ok(body.startsWith('0'), `open packet, got ${body.slice(0, 40)}`);
+  return JSON.parse(body.slice(1)).sid;
+}
+
+test("bad requests get engine.io's error codes; a broken session ends alone", async () => {
+  const bystander = connect('/', { transports: ['websocket'] });
+  await once(bystander, 'auth');
+
+  const error = async (path, init, status, code) => {
+    const res = await fetch(`${url}${path}`, init);
+    assert.equal(res.status, status, `${init?.method ?? 'GET'} ${path}`);
+    if (code !== undefined) assert.equal((await res.json()).code, code, `${path}: engine.io code`);
+  };
+  await error('/socket.io/?EIO=4', undefined, 400, 0); // no transport
+  await error('/socket.io/?EIO=4&transport=carrier-pigeon', undefined, 400, 0);
+  await error('/socket.io/?EIO=3&transport=polling', undefined, 400, 5); // protocol version
+  await error('/socket.io/?EIO=4&transport=polling', { method: 'POST', body: '40' }, 400, 2);
+  await error('/socket.io/?EIO=4&transport=polling&sid=nope', undefined, 400, 1);
+
+  // A payload over maxPayload: 413, and that session is gone.
+  let sid = await handshake();
+  const big = '4' + 'x'.repeat(1_000_001);
+  await error(`/socket.io/?EIO=4&transport=polling&sid=${sid}`, { method: 'POST', body: big }, 413);
+  await waitForStatus(`/socket.io/?EIO=4&transport=polling&sid=${sid}`, 400);
+
+  // A malformed payload ends its session.
+  sid = await handshake();
+  await fetch(`${url}/socket.io/?EIO=4&transport=polling&sid=${sid}`, { method: 'POST', body: 'not engine.io' });
+  await waitForStatus(`/socket.io/?EIO=4&transport=polling&sid=${sid}`, 400);
+
+  // A malformed Socket.IO packet over the WebSocket closes that connection only.
+  const broken = connect('/', { transports: ['websocket'] });
+  await once(broken, 'auth');
+  const gone = once(broken, 'disconnect');
+  broken.io.engine.write('4abc'); // Socket.IO packet type 'a' does not exist
+  await gone;
+
+  const back = once(bystander, 'message-back');
+  bystander.emit('message', 'unharmed');
+  assert.deepEqual(await back, ['unharmed']);
+  bystander.disconnect();
+});
+
+/** Polls a session that should be over: 400, or (if the poll was taken as the session ended)
+ * its last word, the close packet `1`, and 400 after that. */
+async function waitForStatus(path, status) {
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline) {
+    const res = await fetch(`${url}${path}`);
+    if (res.status === status) return;
+    const body = await res.text();
+    assert.equal(body, '1', `a poll on an ending session gets the close packet, got ${res.status} ${body}`);
+  }
+  throw new Error(`${path} never answered ${status}`);
+}
