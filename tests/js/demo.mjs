@@ -34,6 +34,17 @@ export async function waitFor(what, predicate) {
   throw new Error(`timed out waiting for ${what}`);
 }
 
+/** The arguments of `emitter`'s next `event` (a Socket.IO socket's, say), within 10 s. */
+export function once(emitter, event) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no ${event} within 10 s`)), 10_000);
+    emitter.once(event, (...args) => {
+      clearTimeout(timer);
+      resolve(args);
+    });
+  });
+}
+
 export function sign(claims, secret) {
   const b64 = (obj) => Buffer.from(JSON.stringify(obj)).toString('base64url');
   const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
@@ -57,14 +68,20 @@ export async function assertNoSessionPanics(realtimeUrl) {
   assert.equal(Number(line?.split(' ')[1] ?? 0), 0, 'no session panicked');
 }
 
-/** Starts `pgcast demo`; returns {info, db, client(vsn, apikey), token(claims), stop()}. */
-export async function startDemo({ policy } = {}) {
+/** Starts `pgcast demo` (with a policy and a config file if given); returns {info, db,
+ * client(vsn, apikey), token(claims), stop()}. */
+export async function startDemo({ policy, config } = {}) {
   const dataDir = mkdtempSync(join(tmpdir(), 'pgcast-js-'));
   const args = ['demo', '--dir', dataDir, '--pg-port', String(await freePort()), '--listen', '127.0.0.1:0'];
   if (policy) {
     const path = join(dataDir, 'policy.toml');
     writeFileSync(path, policy);
     args.push('--policy', path);
+  }
+  if (config) {
+    const path = join(dataDir, 'pgcast.toml');
+    writeFileSync(path, config);
+    args.push('--config', path);
   }
   const demo = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, PGCAST_LOG: 'warn' } });
   const info = await new Promise((res, rej) => {

@@ -98,6 +98,65 @@ struct FileConfig {
     max_pending_connections_per_ip: Option<usize>,
     broadcast_history_max_bytes: Option<usize>,
     broadcast_history_topic_max_bytes: Option<usize>,
+    socketio: Option<FileSocketIo>,
+}
+
+/// The file's `[socketio]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSocketIo {
+    path: Option<String>,
+    ping_interval_ms: Option<u64>,
+    ping_timeout_ms: Option<u64>,
+    connect_rooms: Option<Vec<String>>,
+}
+
+pub const DEFAULT_SOCKETIO_PATH: &str = "/socket.io/";
+/// Socket.IO's own defaults.
+pub const DEFAULT_SOCKETIO_PING_INTERVAL_MS: u64 = 25_000;
+pub const DEFAULT_SOCKETIO_PING_TIMEOUT_MS: u64 = 20_000;
+
+/// The Socket.IO endpoint (`[socketio]` in the file).
+#[derive(Debug, Clone)]
+pub struct SocketIoConfig {
+    /// Where `socket.io-client`'s `path` option points (default `/socket.io/`); served with
+    /// and without the trailing slash.
+    pub path: String,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    /// Rooms every connection joins when it connects, as templates over its token's claims
+    /// (`user:{claims.sub}`); a template naming a claim the token lacks is skipped.
+    pub connect_rooms: Vec<String>,
+}
+
+impl SocketIoConfig {
+    fn load(file: Option<FileSocketIo>) -> Result<SocketIoConfig, ConfigError> {
+        let file = file.unwrap_or_default();
+        let path = file.path.unwrap_or_else(|| DEFAULT_SOCKETIO_PATH.to_string());
+        if !path.starts_with('/') || path.contains(['?', '#', '{', '}', '*']) || path.len() > 200 {
+            return Err(ConfigError::Invalid {
+                key: "socketio.path",
+                message: format!("{path:?} must be an absolute URL path without '?', '#', '{{', '}}' or '*'"),
+            });
+        }
+        let millis = |key: &'static str, value: Option<u64>, default: u64| {
+            let value = value.unwrap_or(default);
+            if value == 0 || value > 3_600_000 {
+                return Err(ConfigError::Invalid { key, message: "must be 1..=3600000 milliseconds".into() });
+            }
+            Ok(Duration::from_millis(value))
+        };
+        let ping_interval =
+            millis("socketio.ping_interval_ms", file.ping_interval_ms, DEFAULT_SOCKETIO_PING_INTERVAL_MS)?;
+        let ping_timeout =
+            millis("socketio.ping_timeout_ms", file.ping_timeout_ms, DEFAULT_SOCKETIO_PING_TIMEOUT_MS)?;
+        Ok(SocketIoConfig {
+            path,
+            ping_interval,
+            ping_timeout,
+            connect_rooms: file.connect_rooms.unwrap_or_default(),
+        })
+    }
 }
 
 /// Validated configuration for one server.
@@ -149,6 +208,7 @@ pub struct Config {
     /// Bytes of broadcast payloads kept for resuming members, over all topics and per topic;
     /// the oldest are evicted first.
     pub broadcast_history: crate::broadcast::HistoryBudget,
+    pub socketio: SocketIoConfig,
     /// Test-only fault injection: a session that joins this topic panics (see
     /// `tests/session_panics.rs`). Not settable from the file, environment or flags.
     #[doc(hidden)]
@@ -179,6 +239,7 @@ impl std::fmt::Debug for Config {
             .field("max_pending_connections", &self.max_pending_connections)
             .field("max_pending_connections_per_ip", &self.max_pending_connections_per_ip)
             .field("broadcast_history", &self.broadcast_history)
+            .field("socketio", &self.socketio)
             .finish_non_exhaustive()
     }
 }
@@ -355,6 +416,7 @@ impl Config {
                 ),
             });
         }
+        let socketio = SocketIoConfig::load(from_file.socketio)?;
         Ok(Config {
             database_url,
             listen,
@@ -382,6 +444,7 @@ impl Config {
             max_pending_connections,
             max_pending_connections_per_ip,
             broadcast_history,
+            socketio,
             panic_on_join_topic: None,
         })
     }
@@ -496,5 +559,28 @@ mod tests {
         std::fs::write(&path, "lisen = \"x\"\n").unwrap();
         let err = Config::load(Some(&path), overrides()).unwrap_err().to_string();
         assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn the_socketio_table_is_validated() {
+        let config = Config::load(None, overrides()).unwrap();
+        assert_eq!(config.socketio.path, "/socket.io/");
+        assert_eq!(config.socketio.ping_interval, Duration::from_secs(25));
+        let dir = std::env::temp_dir().join(format!("pgcast-config-sio-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pgcast.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Config::load(Some(&path), overrides()).map_err(|e| e.to_string())
+        };
+        let config =
+            load("[socketio]\npath = \"/api/socket\"\nconnect_rooms = [\"user:{claims.sub}\"]\n").unwrap();
+        assert_eq!(config.socketio.path, "/api/socket");
+        assert_eq!(config.socketio.connect_rooms, ["user:{claims.sub}"]);
+        assert!(load("[socketio]\npath = \"api\"\n").unwrap_err().starts_with("invalid socketio.path"));
+        let err = load("[socketio]\nping_interval_ms = 0\n").unwrap_err();
+        assert!(err.starts_with("invalid socketio.ping_interval_ms"), "{err}");
+        assert!(load("[socketio]\npth = \"/x\"\n").unwrap_err().contains("unknown field"));
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

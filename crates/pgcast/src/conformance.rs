@@ -47,9 +47,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 pub fn routes() -> Router {
     let engine_echo: Spawn = Arc::new(|transport, _handshake| {
         tokio::spawn(engine_echo(transport));
+        Ok(())
     });
     let socketio_echo: Spawn = Arc::new(|transport, handshake| {
         tokio::spawn(socketio_echo(transport, handshake));
+        Ok(())
     });
     let engine = Engines::new(engine_config(), engine_echo);
     let socketio = Engines::new(engine_config(), socketio_echo);

@@ -12,7 +12,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
@@ -25,7 +25,9 @@ use crate::protocol::BroadcastPayload;
 use crate::protocol::Wire;
 use crate::server::{update_gauges, AppState};
 use crate::session::phoenix::Phoenix;
+use crate::session::socketio::SocketIo;
 use crate::session::{Core, Session, Unauthenticated};
+use crate::transport::engineio::{EngineConfig, Engines, Spawn};
 use crate::transport::WebSocketTransport;
 
 /// Bytes the WebSocket reader buffers per connection; tungstenite's default (128 KiB) would
@@ -38,7 +40,15 @@ const WS_READ_BUFFER: usize = 1024;
 const WS_WRITE_BUFFER: usize = 16 * 1024;
 
 pub fn routes(state: Arc<AppState>) -> Router {
+    let engines = socketio_engines(&state);
+    let socketio = any(move |ConnectInfo(peer): ConnectInfo<SocketAddr>, request: axum::extract::Request| {
+        let engines = engines.clone();
+        async move { engines.handle(peer, request).await }
+    });
+    let path = state.config.socketio.path.trim_end_matches('/').to_string();
     Router::new()
+        .route(&format!("{path}/"), socketio.clone())
+        .route(if path.is_empty() { "/" } else { &path }, socketio)
         .route("/realtime/v1/websocket", get(websocket))
         .route("/realtime/v1/api/broadcast", post(broadcast))
         .route("/api/broadcast", post(broadcast))
@@ -47,6 +57,46 @@ pub fn routes(state: Arc<AppState>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// The Socket.IO endpoint's Engine.IO sessions; each runs a session core with the Socket.IO
+/// adapter. A new session counts as unauthenticated until its CONNECT brings a valid token.
+fn socketio_engines(state: &Arc<AppState>) -> Arc<Engines> {
+    let config = EngineConfig {
+        ping_interval: state.config.socketio.ping_interval,
+        ping_timeout: state.config.socketio.ping_timeout,
+        max_payload: state.config.max_message_bytes,
+        read_buffer: WS_READ_BUFFER,
+        write_buffer: WS_WRITE_BUFFER,
+    };
+    let state = state.clone();
+    let spawn: Spawn = Arc::new(move |transport, handshake| {
+        if state.is_stopping() {
+            return Err("server shutting down".into());
+        }
+        let max = state.config.max_unauthenticated_connections;
+        let Some(unauthenticated) =
+            Unauthenticated::admit(&state.unauthenticated, max, state.config.auth_timeout)
+        else {
+            metrics::counter!("pgcast_connections_refused_total", "reason" => "unauthenticated").increment(1);
+            return Err(format!("too many connections without a token (at most {max})"));
+        };
+        let token = handshake
+            .authorization
+            .as_deref()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::to_string)
+            .or_else(|| handshake.query.get("token").cloned());
+        let guard = state.session_guard();
+        let core = Core::new(state.clone(), handshake.peer, Wire::SocketIo, None, Some(unauthenticated));
+        // A combinator, not an async block: a block would keep the captured parts and the
+        // session's future side by side for the connection's life.
+        use futures_util::FutureExt;
+        let session = Session::new(core, SocketIo::new(token), transport);
+        tokio::spawn(crate::session::supervise::run(session).map(move |()| drop(guard)));
+        Ok(())
+    });
+    Engines::new(config, spawn)
 }
 
 async fn websocket(

@@ -88,6 +88,10 @@ struct DemoArgs {
     /// examples/policy.toml].
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// TOML configuration file for everything the demo does not set itself (limits,
+    /// `[socketio]`, ...); the database, listen address, secret and policy stay the demo's.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -213,7 +217,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         }
     };
     let config = Config::load(
-        None,
+        args.config.as_deref(),
         ConfigOverrides {
             database_url: Some(cluster.url()),
             listen: Some(args.listen),
@@ -236,6 +240,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!("pgcast demo is running.");
     println!("  PostgreSQL:  {}   (data in {})", cluster.url(), dir.display());
     println!("  Realtime:    {ws}/websocket?apikey=<token>&vsn=2.0.0");
+    println!(
+        "  Socket.IO:   http://{}{}   (socket.io-client: io(URL, {{ auth: {{ token: TOKEN }} }}))",
+        server.addr, server.state.config.socketio.path
+    );
     println!("  Health:      http://{}/health   Metrics: http://{}/metrics", server.addr, server.addr);
     println!("  JWT secret:  {secret}");
     println!("  Policy:      {}", policy.display());

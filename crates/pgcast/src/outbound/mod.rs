@@ -33,6 +33,8 @@ pub mod close_code {
     pub const AUTH_TIMEOUT: u16 = 4002;
     /// The user already has as many connections as allowed.
     pub const TOO_MANY_CONNECTIONS: u16 = 4003;
+    /// The connection's token expired (Socket.IO: one token for every room).
+    pub const TOKEN_EXPIRED: u16 = 4004;
 }
 
 /// A message on its way to one or more connections: the bytes are shared, not copied.

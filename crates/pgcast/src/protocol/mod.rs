@@ -16,23 +16,28 @@ pub enum Wire {
     PhoenixV1,
     /// Supabase Realtime, Phoenix serializer `2.0.0` (JSON arrays, binary user broadcasts).
     PhoenixV2,
+    /// Socket.IO v5 over Engine.IO v4, namespace `/`: a push is an event named for what it
+    /// carries, its payload the first argument.
+    SocketIo,
 }
 
 impl Wire {
-    const COUNT: usize = 2;
+    const COUNT: usize = 3;
 
     fn slot(self) -> usize {
         match self {
             Wire::PhoenixV1 => 0,
             Wire::PhoenixV2 => 1,
+            Wire::SocketIo => 2,
         }
     }
 
-    /// The Phoenix serializer this wire speaks.
+    /// The Phoenix serializer this wire speaks (`V2` for a wire that is not Phoenix: never
+    /// asked of one by the code that holds it).
     pub fn vsn(self) -> phoenix::Vsn {
         match self {
             Wire::PhoenixV1 => phoenix::Vsn::V1,
-            Wire::PhoenixV2 => phoenix::Vsn::V2,
+            Wire::PhoenixV2 | Wire::SocketIo => phoenix::Vsn::V2,
         }
     }
 }
@@ -81,6 +86,14 @@ pub enum Body<'a> {
 pub fn change(wire: Wire, topic: &str, ids: &[u32], data: &str) -> Message {
     match wire {
         Wire::PhoenixV1 | Wire::PhoenixV2 => phoenix::change(wire.vsn(), topic, ids, data),
+        Wire::SocketIo => {
+            let mut payload = String::from("{\"ids\":");
+            payload.push_str(&serde_json::Value::from(ids).to_string());
+            payload.push_str(",\"data\":");
+            payload.push_str(data);
+            payload.push('}');
+            socketio::event_message("postgres_changes", &payload)
+        }
     }
 }
 
@@ -96,6 +109,12 @@ pub fn broadcast(
 ) -> Option<Message> {
     match wire {
         Wire::PhoenixV1 | Wire::PhoenixV2 => phoenix::broadcast(wire.vsn(), topic, event, body, seq, epoch),
+        // The room's members get the event with the payload as its argument.
+        Wire::SocketIo => match body {
+            Body::Json(json) => Some(socketio::event_message(event, json)),
+            // One frame per message: a binary attachment would need two.
+            Body::Binary(_) => None,
+        },
     }
 }
 
@@ -105,5 +124,6 @@ pub fn push(wire: Wire, topic: &str, event: &str, payload: &serde_json::Value) -
         Wire::PhoenixV1 | Wire::PhoenixV2 => {
             Message::Text(phoenix::encode(wire.vsn(), None, None, topic, event, payload).into())
         }
+        Wire::SocketIo => socketio::event_message(event, &payload.to_string()),
     }
 }

@@ -107,6 +107,18 @@ pub enum EncodeError {
     PlaceholderConflict,
 }
 
+/// An event to namespace `/` as one Engine.IO message frame: `42[<event>,<argument>]`, with the
+/// argument already serialized JSON (shared bytes are built once for every recipient).
+pub fn event_message(event: &str, argument_json: &str) -> axum::extract::ws::Message {
+    let mut text = String::with_capacity(8 + event.len() + argument_json.len());
+    text.push_str("42[");
+    crate::json::write_string(event, &mut text);
+    text.push(',');
+    text.push_str(argument_json);
+    text.push(']');
+    axum::extract::ws::Message::Text(text.into())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Engine.IO
 // ---------------------------------------------------------------------------------------------

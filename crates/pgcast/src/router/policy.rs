@@ -375,6 +375,14 @@ impl Policy {
         access
     }
 
+    /// Whether some channel rule's topic pattern could match `sub_topic` for some claims: a
+    /// Socket.IO room such a rule names is decided by the rules (as a private channel is),
+    /// any other room is public. A `{claims.…}` placeholder stands for one or more characters
+    /// without `:` or `*`, as in [`topic_matches`].
+    pub fn governs(&self, sub_topic: &str) -> bool {
+        self.channel_rules.iter().any(|rule| pattern_could_match(&rule.topic, sub_topic))
+    }
+
     pub fn public_channels(&self) -> bool {
         self.public_channels
     }
@@ -612,6 +620,23 @@ fn placeholders(pattern: &str) -> Vec<String> {
 }
 
 /// `patient:{claims.sub}` against `patient:7` for sub 7; a trailing `*` matches any rest.
+fn pattern_could_match(pattern: &str, topic: &str) -> bool {
+    match pattern.find("{claims.") {
+        None => match pattern.strip_suffix('*') {
+            Some(prefix) => topic.starts_with(prefix),
+            None => topic == pattern,
+        },
+        Some(start) => {
+            let Some(end) = pattern[start..].find('}') else { return false };
+            let (literal, rest) = (&pattern[..start], &pattern[start + end + 1..]);
+            let Some(after) = topic.strip_prefix(literal) else { return false };
+            // The placeholder takes 1..n characters of `after` that are not ':' or '*'.
+            let run = after.find([':', '*']).unwrap_or(after.len());
+            (1..=run).filter(|n| after.is_char_boundary(*n)).any(|n| pattern_could_match(rest, &after[n..]))
+        }
+    }
+}
+
 fn topic_matches(pattern: &str, topic: &str, claims: &Claims) -> bool {
     let mut expanded = String::with_capacity(pattern.len());
     let mut rest = pattern;
@@ -759,6 +784,20 @@ mod tests {
                 col("tenant_id", ValueKind::Integer),
             ],
         }
+    }
+
+    #[test]
+    fn a_rule_governs_every_room_its_pattern_could_match() {
+        assert!(pattern_could_match("patient:{claims.sub}", "patient:42"));
+        assert!(pattern_could_match("patient:{claims.sub}", "patient:someone-else"));
+        assert!(!pattern_could_match("patient:{claims.sub}", "patient:"));
+        assert!(!pattern_could_match("patient:{claims.sub}", "patient:4:2"), "a claim holds no ':'");
+        assert!(pattern_could_match("ward:*", "ward:3"));
+        assert!(pattern_could_match("t:{claims.tenant_id}:queue", "t:7:queue"));
+        assert!(!pattern_could_match("t:{claims.tenant_id}:queue", "t:7:visits"));
+        assert!(pattern_could_match("calendar", "calendar"));
+        assert!(!pattern_could_match("calendar", "calendars"));
+        assert!(!pattern_could_match("broken:{claims.sub", "broken:1"));
     }
 
     #[test]

@@ -98,12 +98,9 @@ impl Core {
             let error = JoinError::TooManyChannels(config.max_channels_per_connection);
             return Err(self.refused(topic_text, &claims, error));
         }
-        if let (None, Some(user)) = (&self.counted_user, &claims.sub) {
-            if !self.state.user_connected(user) {
-                let error = JoinError::TooManyConnections(self.state.config.max_connections_per_user);
-                return Err(self.refused(topic_text, &claims, error));
-            }
-            self.counted_user = Some(user.clone());
+        if !self.count_user(&claims) {
+            let error = JoinError::TooManyConnections(self.state.config.max_connections_per_user);
+            return Err(self.refused(topic_text, &claims, error));
         }
         let bindings = match request.bindings {
             Ok(bindings) => bindings,
@@ -217,6 +214,29 @@ impl Core {
             broadcast_replay,
             presence_enabled: request.presence_enabled,
         })
+    }
+
+    /// Counts the connection against its user's `max_connections_per_user` (once); `false`
+    /// when the user has as many as allowed.
+    fn count_user(&mut self, claims: &Claims) -> bool {
+        if let (None, Some(user)) = (&self.counted_user, &claims.sub) {
+            if !self.state.user_connected(user) {
+                return false;
+            }
+            self.counted_user = Some(user.clone());
+        }
+        true
+    }
+
+    /// A token verified for the connection itself (Socket.IO's CONNECT): it is no longer
+    /// unauthenticated, and counts against its user.
+    pub fn authenticated(&mut self, claims: &Claims) -> Result<(), JoinError> {
+        self.unauthenticated = None;
+        if !self.count_user(claims) {
+            return Err(JoinError::TooManyConnections(self.state.config.max_connections_per_user));
+        }
+        self.audit(AuditEvent::new(Action::Connect).claims(Some(claims)));
+        Ok(())
     }
 
     /// Counts and audits a refused join (with the claims it was decided on).

@@ -38,6 +38,7 @@ pub mod error;
 mod join;
 mod messages;
 pub mod phoenix;
+pub mod socketio;
 mod subscribe;
 pub mod supervise;
 
@@ -316,6 +317,16 @@ pub trait Protocol: Send + Sized {
         channel: Box<JoinedChannel>,
         reason: String,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// The server is about to close the connection with `code` and `reason`: what the protocol
+    /// says first (the transport's close follows; a WebSocket carries the reason itself).
+    fn closing<T: Transport>(
+        _session: &mut Session<Self, T>,
+        _code: u16,
+        _reason: &str,
+    ) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Why the session loop ended: how to close the connection, if at all.
@@ -366,6 +377,12 @@ impl<P: Protocol, T: Transport> Session<P, T> {
         match &ending {
             Ending::Close(code, reason) => {
                 tracing::info!(session = self.core.handle.id, code, reason = %reason, "closing client");
+                // Boxed: its state would otherwise sit in every connection's task all its life.
+                let _ = tokio::time::timeout(
+                    crate::transport::CLOSE_TIMEOUT,
+                    Box::pin(P::closing(&mut self, *code, reason)),
+                )
+                .await;
                 self.transport.close(*code, reason).await;
             }
             Ending::ClosedByClient => self.transport.closed_by_client().await,

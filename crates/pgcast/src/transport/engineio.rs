@@ -68,8 +68,9 @@ pub struct Handshake {
     pub authorization: Option<String>,
 }
 
-/// Starts whatever runs a new Engine.IO session (a Socket.IO session, an echo loop).
-pub type Spawn = Arc<dyn Fn(EngineTransport, Handshake) + Send + Sync>;
+/// Starts whatever runs a new Engine.IO session (a Socket.IO session, an echo loop), or says
+/// why it cannot (503 to a polling handshake; a WebSocket is closed).
+pub type Spawn = Arc<dyn Fn(EngineTransport, Handshake) -> Result<(), String> + Send + Sync>;
 
 /// Engine.IO's error codes and messages, as its reference server sends them (400, JSON).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,7 +255,12 @@ impl Engines {
         let body = self.open_packet(&handshake.sid, true);
         let transport =
             EngineTransport::new(self.clone(), shared, rx, handshake.sid.clone(), Mode::polling());
-        (self.spawn)(transport, handshake);
+        if let Err(reason) = (self.spawn)(transport, handshake) {
+            let body = serde_json::json!({ "code": 503, "message": reason }).to_string();
+            let refused =
+                (StatusCode::SERVICE_UNAVAILABLE, [(header::CONTENT_TYPE, "application/json")], body);
+            return cors(refused.into_response());
+        }
         cors(text_response(body))
     }
 
@@ -271,7 +277,8 @@ impl Engines {
             shared.upgraded.store(true, std::sync::atomic::Ordering::Release);
             let sid = handshake.sid.clone();
             let transport = EngineTransport::new(engines.clone(), shared, rx, sid, Mode::WebSocket(socket));
-            (engines.spawn)(transport, handshake);
+            // Refused: dropping the transport closes its WebSocket.
+            let _ = (engines.spawn)(transport, handshake);
         })
     }
 
@@ -644,8 +651,11 @@ impl Transport for EngineTransport {
             tokio::select! {
                 biased;
                 frame = next_frame(&mut self.probe) => {
-                    // A failed probe only ends the probe; the session goes on polling.
-                    let _ = self.probe_frame(frame).await;
+                    // A failed (or closed) probe only ends the probe; the session goes on
+                    // polling. Dropped here, or its closed socket would be ready forever.
+                    if self.probe_frame(frame).await.is_err() {
+                        self.probe = None;
+                    }
                 }
                 frame = next_ws_frame(&mut self.mode) => {
                     let packet = match frame {

@@ -1,0 +1,386 @@
+//! The Socket.IO adapter (namespace `/`, over Engine.IO): reads a client's packets into
+//! requests for the session core — CONNECT with its token, `join` / `leave` of rooms,
+//! `access_token` — and renders the core's answers as CONNECT replies, `connect_error`, acks
+//! and `error` events.
+//!
+//! A room is a core channel named `realtime:<room>`, so a server broadcast to topic `T` reaches
+//! Socket.IO members of room `T` and Phoenix members of channel `T` alike. A room a channel rule
+//! of the policy file could match is decided by those rules (as a private channel); any other
+//! room is public. The byte layouts are `protocol::socketio`'s.
+
+use serde_json::{json, Value};
+
+use super::{
+    channel_name, check_topic, JoinError, JoinRequest, JoinedChannel, Protocol, Session, TokenError,
+};
+use crate::audit::{Action, AuditEvent};
+use crate::auth::Claims;
+use crate::outbound::close_code;
+use crate::protocol::socketio::{decode_sio, encode_sio, SioKind, SioPacket};
+use crate::transport::{Incoming, Transport, TransportError};
+
+/// The Socket.IO protocol state of one connection.
+pub struct SocketIo {
+    /// The token the connection authenticates with: CONNECT's `auth.token`, else the
+    /// handshake's (`Authorization: Bearer`, `?token=`); replaced by `access_token`.
+    token: Option<Box<str>>,
+    connected: bool,
+    /// A binary packet waiting for its attachments, and how many have come.
+    partial: Option<Box<(SioPacket, usize)>>,
+}
+
+impl SocketIo {
+    /// `handshake_token`: the token the Engine.IO handshake carried, if any.
+    pub fn new(handshake_token: Option<String>) -> SocketIo {
+        SocketIo { token: handshake_token.map(String::into_boxed_str), connected: false, partial: None }
+    }
+}
+
+/// Why a token cannot be used, in Socket.IO's words.
+fn token_problem(error: &TokenError) -> String {
+    match error {
+        TokenError::Missing => {
+            "no token: pass it as auth.token, an Authorization: Bearer header or the token query parameter"
+                .into()
+        }
+        TokenError::Invalid { error, .. } => format!("invalid token: {error}"),
+    }
+}
+
+/// How a refused join reads: policy refusals as "Access denied: …".
+fn refusal(error: &JoinError) -> String {
+    match error {
+        JoinError::Token(token) => token_problem(token),
+        JoinError::PrivateChannelDenied { .. }
+        | JoinError::PublicChannelsDisabled
+        | JoinError::MayNotRead { .. } => {
+            format!("Access denied: {error}")
+        }
+        other => other.to_string(),
+    }
+}
+
+impl Protocol for SocketIo {
+    async fn frame<T: Transport>(
+        session: &mut Session<SocketIo, T>,
+        frame: Incoming,
+    ) -> Result<(), TransportError> {
+        match frame {
+            Incoming::Text(text) => {
+                if session.protocol.partial.is_some() {
+                    session.protocol_error("a text packet came while binary attachments were due");
+                    return Ok(());
+                }
+                match decode_sio(text.as_str()) {
+                    Ok(packet) if packet.attachments > 0 => {
+                        session.protocol.partial = Some(Box::new((packet, 0)));
+                        Ok(())
+                    }
+                    Ok(packet) => session.packet(packet).await,
+                    Err(e) => {
+                        session.protocol_error(&format!("invalid Socket.IO packet: {e}"));
+                        Ok(())
+                    }
+                }
+            }
+            Incoming::Binary(_) => {
+                let Some(mut partial) = session.protocol.partial.take() else {
+                    session.protocol_error("a binary message came that no packet announced");
+                    return Ok(());
+                };
+                partial.1 += 1;
+                if partial.1 < partial.0.attachments {
+                    session.protocol.partial = Some(partial);
+                    return Ok(());
+                }
+                // No event pgcast answers takes binary arguments: the packet is handled (and
+                // refused by name) without them.
+                session.packet(partial.0).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn rate_notice<T: Transport>(
+        session: &mut Session<SocketIo, T>,
+        reason: &str,
+    ) -> Result<(), TransportError> {
+        session.emit("error", &json!(reason)).await
+    }
+
+    async fn channel_closed<T: Transport>(
+        session: &mut Session<SocketIo, T>,
+        _topic: &str,
+        _channel: Box<JoinedChannel>,
+        reason: String,
+    ) -> Result<(), TransportError> {
+        // One token for the whole connection: when it expires, delivery ends for every room.
+        session.core.cut_off(close_code::TOKEN_EXPIRED, reason);
+        Ok(())
+    }
+
+    async fn closing<T: Transport>(session: &mut Session<SocketIo, T>, code: u16, reason: &str) {
+        if !session.protocol.connected {
+            let _ = session
+                .send_packet(&SioPacket::new(SioKind::ConnectError, "/", Some(json!({ "message": reason }))))
+                .await;
+            return;
+        }
+        let _ = session.emit("error", &json!(reason)).await;
+        // Going away, a slow consumer or a lost heartbeat: the client should come back (a
+        // transport close makes socket.io-client reconnect). Anything else is the server
+        // ending this client's session ("io server disconnect": it does not reconnect).
+        if !matches!(code, close_code::GOING_AWAY | close_code::SLOW_CONSUMER | close_code::HEARTBEAT_TIMEOUT)
+        {
+            let _ = session.send_packet(&SioPacket::new(SioKind::Disconnect, "/", None)).await;
+        }
+    }
+}
+
+impl<T: Transport> Session<SocketIo, T> {
+    /// The client broke the protocol: the connection is closed (as Socket.IO does).
+    fn protocol_error(&mut self, reason: &str) {
+        tracing::info!(session = self.core.id(), reason, "bad Socket.IO packet");
+        metrics::counter!("pgcast_malformed_frames_total", "protocol" => "socketio").increment(1);
+        self.core.cut_off(close_code::INVALID_PAYLOAD, reason.to_string());
+    }
+
+    async fn send_packet(&mut self, packet: &SioPacket) -> Result<(), TransportError> {
+        let text = format!("4{}", encode_sio(packet));
+        self.transport.send(axum::extract::ws::Message::Text(text.into())).await
+    }
+
+    async fn emit(&mut self, event: &str, argument: &Value) -> Result<(), TransportError> {
+        let message = crate::protocol::socketio::event_message(event, &argument.to_string());
+        self.transport.send(message).await
+    }
+
+    async fn ack(&mut self, id: Option<u64>, argument: Value) -> Result<(), TransportError> {
+        let Some(id) = id else { return Ok(()) };
+        let mut packet = SioPacket::new(SioKind::Ack, "/", Some(json!([argument])));
+        packet.id = Some(id);
+        self.send_packet(&packet).await
+    }
+
+    async fn packet(&mut self, packet: SioPacket) -> Result<(), TransportError> {
+        if packet.nsp != "/" {
+            if packet.kind == SioKind::Connect {
+                let refusal = SioPacket::new(
+                    SioKind::ConnectError,
+                    packet.nsp,
+                    Some(json!({ "message": "Invalid namespace" })),
+                );
+                return self.send_packet(&refusal).await;
+            }
+            self.protocol_error("a packet for a namespace that is not connected");
+            return Ok(());
+        }
+        match packet.kind {
+            SioKind::Connect => self.connect(packet.data).await,
+            SioKind::Disconnect => {
+                self.core.leave_all();
+                self.protocol.connected = false;
+                Ok(())
+            }
+            SioKind::Event | SioKind::BinaryEvent => {
+                if !self.protocol.connected {
+                    self.protocol_error("an event before CONNECT");
+                    return Ok(());
+                }
+                let Some(Value::Array(args)) = packet.data else { return Ok(()) };
+                self.event(args, packet.id).await
+            }
+            // Acks of the client's: pgcast asks for none.
+            SioKind::Ack | SioKind::BinaryAck => Ok(()),
+            SioKind::ConnectError => {
+                self.protocol_error("CONNECT_ERROR is the server's to send");
+                Ok(())
+            }
+        }
+    }
+
+    async fn connect(&mut self, auth: Option<Value>) -> Result<(), TransportError> {
+        if self.protocol.connected {
+            self.protocol_error("CONNECT on a namespace already connected");
+            return Ok(());
+        }
+        let given = auth.as_ref().and_then(|a| a.get("token")).and_then(Value::as_str);
+        let token = given.map(Box::from).or_else(|| self.protocol.token.clone());
+        let claims = match self.core.verify_token(token.as_deref()) {
+            Ok(claims) => claims,
+            Err(error) => {
+                metrics::counter!("pgcast_auth_failures_total").increment(1);
+                let reason = token_problem(&error);
+                self.core.audit(AuditEvent::new(Action::AuthFailure).detail(reason.clone()));
+                tracing::info!(session = self.core.id(), reason = %reason, "connect refused");
+                let refusal = SioPacket::new(SioKind::ConnectError, "/", Some(json!({ "message": reason })));
+                return self.send_packet(&refusal).await;
+            }
+        };
+        if let Err(error) = self.core.authenticated(&claims) {
+            let reason = error.to_string();
+            let refusal =
+                SioPacket::new(SioKind::ConnectError, "/", Some(json!({ "message": reason.clone() })));
+            self.send_packet(&refusal).await?;
+            if let Some(code) = error.cuts_off() {
+                self.core.cut_off(code, reason);
+            }
+            return Ok(());
+        }
+        self.protocol.token = token;
+        self.protocol.connected = true;
+        let sid = crate::random::hex_id();
+        self.send_packet(&SioPacket::new(SioKind::Connect, "/", Some(json!({ "sid": sid })))).await?;
+        let rooms: Vec<String> =
+            self.core.state.config.socketio.connect_rooms.iter().filter_map(|t| expand(t, &claims)).collect();
+        for room in rooms {
+            if let Err(reason) = self.join_room(&room).await {
+                self.emit("error", &json!(reason)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn event(&mut self, args: Vec<Value>, ack: Option<u64>) -> Result<(), TransportError> {
+        let name = args.first().and_then(Value::as_str).unwrap_or_default().to_string();
+        let argument = args.get(1).and_then(Value::as_str);
+        match name.as_str() {
+            "join" | "leave" | "access_token" if argument.is_none() => {
+                let reason = format!("{name} needs a string argument");
+                self.ack(ack, json!({ "error": reason })).await?;
+                self.emit("error", &json!(reason)).await
+            }
+            "join" => {
+                let room = argument.unwrap_or_default().to_string();
+                match self.join_room(&room).await {
+                    Ok(()) => self.ack(ack, json!({ "ok": true })).await,
+                    Err(reason) => {
+                        self.ack(ack, json!({ "error": reason })).await?;
+                        self.emit("error", &json!(reason)).await
+                    }
+                }
+            }
+            "leave" => {
+                let room = argument.unwrap_or_default();
+                let answer = match self.core.leave(&format!("realtime:{room}")) {
+                    Some(_) => json!({ "ok": true }),
+                    None => {
+                        json!({ "error": format!("not in room {}", crate::text::clip(room, crate::text::NAME_CHARS)) })
+                    }
+                };
+                self.ack(ack, answer).await
+            }
+            "access_token" => {
+                let token = argument.unwrap_or_default().to_string();
+                self.refresh(&token, ack).await
+            }
+            other => {
+                let reason = format!("unknown event {}", crate::text::clip(other, crate::text::NAME_CHARS));
+                self.ack(ack, json!({ "error": reason })).await?;
+                self.emit("error", &json!(reason)).await
+            }
+        }
+    }
+
+    /// Joins a room as a core channel; `Err` is the refusal as the client reads it.
+    async fn join_room(&mut self, room: &str) -> Result<(), String> {
+        let topic = format!("realtime:{room}");
+        if let Err(reason) = check_topic(&topic) {
+            self.core.strike();
+            return Err(reason);
+        }
+        let private = self.core.state.policy.governs(room);
+        let token = self.protocol.token.clone();
+        let request = JoinRequest {
+            topic: &topic,
+            join_ref: None,
+            access_token: token.as_deref(),
+            bindings: Ok(Vec::new()),
+            private,
+            resume: Ok(None),
+            broadcast_resume: Ok(None),
+            receive_own: false,
+            ack: false,
+            presence_enabled: false,
+            presence_key: None,
+        };
+        match self.core.join(request).await {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                if let Some(code) = error.cuts_off() {
+                    self.core.cut_off(code, error.to_string());
+                }
+                Err(refusal(&error))
+            }
+        }
+    }
+
+    /// `access_token`: the connection continues under a new token; rooms the new claims may
+    /// not stay in are left, each with an `error` event.
+    async fn refresh(&mut self, token: &str, ack: Option<u64>) -> Result<(), TransportError> {
+        if let Err(error) = self.core.verify_token(Some(token)) {
+            metrics::counter!("pgcast_auth_failures_total").increment(1);
+            let reason = token_problem(&error);
+            self.core.audit(AuditEvent::new(Action::AuthFailure).detail(reason.clone()));
+            return self.ack(ack, json!({ "error": reason })).await;
+        }
+        let topics: Vec<String> = self.core.channels.keys().cloned().collect();
+        for topic in topics {
+            if let Err(error) = self.core.refresh(&topic, token).await {
+                self.core.leave(&topic);
+                let reason = format!("left room {}: {error}", channel_name(&topic));
+                self.emit("error", &json!(reason)).await?;
+            }
+        }
+        self.protocol.token = Some(token.into());
+        self.ack(ack, json!({ "ok": true })).await
+    }
+}
+
+/// A room template over the claims (`user:{claims.sub}`); `None` when a claim it names is
+/// missing, not a single text or number, or holds `:` or `*` (which could widen the room).
+fn expand(template: &str, claims: &Claims) -> Option<String> {
+    let mut room = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find("{claims.") {
+        let end = rest[start..].find('}')?;
+        room.push_str(&rest[..start]);
+        let name = &rest[start + 8..start + end];
+        let value = match name {
+            "role" => claims.role.clone(),
+            "sub" => claims.sub.clone()?,
+            other => match claims.all.get(other)? {
+                Value::String(text) => text.clone(),
+                Value::Number(n) => n.to_string(),
+                _ => return None,
+            },
+        };
+        if value.is_empty() || value.contains([':', '*']) {
+            return None;
+        }
+        room.push_str(&value);
+        rest = &rest[start + end + 1..];
+    }
+    room.push_str(rest);
+    Some(room)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_rooms_expand_from_claims_and_skip_what_is_missing() {
+        let mut all = serde_json::Map::new();
+        all.insert("tenant_id".into(), json!(7));
+        all.insert("clinic".into(), json!("a:b"));
+        let claims = Claims { role: "admin".into(), sub: Some("u1".into()), exp: u64::MAX, all };
+        assert_eq!(expand("user:{claims.sub}", &claims).as_deref(), Some("user:u1"));
+        assert_eq!(expand("tenant:{claims.tenant_id}", &claims).as_deref(), Some("tenant:7"));
+        assert_eq!(expand("{claims.role}s", &claims).as_deref(), Some("admins"));
+        assert_eq!(expand("calendar", &claims).as_deref(), Some("calendar"));
+        assert_eq!(expand("x:{claims.nope}", &claims), None);
+        assert_eq!(expand("c:{claims.clinic}", &claims), None, "a ':' in a claim could widen the room");
+        assert_eq!(expand("broken:{claims.sub", &claims), None);
+    }
+}
