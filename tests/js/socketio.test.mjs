@@ -166,3 +166,20 @@ test('a token that expires ends delivery: an error event naming it, then a serve
   assert.equal(reason, 'io server disconnect', 'the server ended it: no automatic reconnect');
   assert.ok(errors.some((e) => /^Token has expired \d+ seconds ago$/.test(e)), JSON.stringify(errors));
 });
+
+test('handshakes without a valid token are bounded (503 past max_unauthenticated_connections); with one they are not counted', async () => {
+  const small = await startDemo({ config: 'max_unauthenticated_connections = 1\n' });
+  try {
+    const handshake = (query = '') => fetch(`${small.info.http}/socket.io/?EIO=4&transport=polling${query}`);
+    const first = await handshake();
+    assert.equal(first.status, 200, 'the first tokenless session is admitted (and stays until it connects)');
+    const second = await handshake();
+    assert.equal(second.status, 503);
+    assert.match((await second.json()).message, /^too many connections without a token \(at most 1\)/);
+    const token = small.token({ role: 'authenticated', sub: 'erin' });
+    const third = await handshake(`&token=${token}`);
+    assert.equal(third.status, 200, 'a handshake with a valid token does not count as unauthenticated');
+  } finally {
+    await small.stop();
+  }
+});

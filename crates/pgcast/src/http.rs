@@ -74,21 +74,30 @@ fn socketio_engines(state: &Arc<AppState>) -> Arc<Engines> {
         if state.is_stopping() {
             return Err("server shutting down".into());
         }
-        let max = state.config.max_unauthenticated_connections;
-        let Some(unauthenticated) =
-            Unauthenticated::admit(&state.unauthenticated, max, state.config.auth_timeout)
-        else {
-            metrics::counter!("pgcast_connections_refused_total", "reason" => "unauthenticated").increment(1);
-            return Err(format!("too many connections without a token (at most {max})"));
-        };
         let token = handshake
             .authorization
             .as_deref()
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::to_string)
             .or_else(|| handshake.query.get("token").cloned());
+        // Without a valid token in the handshake the session counts as unauthenticated until
+        // its CONNECT brings one (socket.io-client sends `auth` there), like a WebSocket without
+        // an `apikey` on the Supabase endpoint.
+        let verified = token.as_deref().is_some_and(|t| state.verifier.verify(t).is_ok());
+        let unauthenticated = if verified {
+            None
+        } else {
+            let max = state.config.max_unauthenticated_connections;
+            let within = state.config.auth_timeout;
+            let Some(slot) = Unauthenticated::admit(&state.unauthenticated, max, within) else {
+                metrics::counter!("pgcast_connections_refused_total", "reason" => "unauthenticated")
+                    .increment(1);
+                return Err(format!("too many connections without a token (at most {max})"));
+            };
+            Some(slot)
+        };
         let guard = state.session_guard();
-        let core = Core::new(state.clone(), handshake.peer, Wire::SocketIo, None, Some(unauthenticated));
+        let core = Core::new(state.clone(), handshake.peer, Wire::SocketIo, None, unauthenticated);
         // A combinator, not an async block: a block would keep the captured parts and the
         // session's future side by side for the connection's life.
         use futures_util::FutureExt;

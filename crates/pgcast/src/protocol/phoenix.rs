@@ -369,4 +369,91 @@ mod tests {
         let Message::Text(text) = change(Vsn::V2, "realtime:t", &[3, 9], "{}") else { panic!("text") };
         assert_eq!(text.as_str(), r#"[null,null,"realtime:t","postgres_changes",{"ids":[3,9],"data":{}}]"#);
     }
+
+    /// xorshift64: a seeded, repeatable stream for the fuzz test (no dependency for it).
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    fn has_float(value: &Value) -> bool {
+        match value {
+            Value::Number(n) => n.is_f64(),
+            Value::Array(items) => items.iter().any(has_float),
+            Value::Object(map) => map.values().any(has_float),
+            _ => false,
+        }
+    }
+
+    /// Client frames (both serializers and realtime-js's binary push) decode without panicking
+    /// whatever the bytes, and what decodes encodes back to the same frame.
+    #[test]
+    fn fuzz_client_frames_never_panic_and_round_trip() {
+        const SEEDS: &[&str] = &[
+            r#"["1","1","realtime:room","phx_join",{"config":{"postgres_changes":[{"event":"*","schema":"public","table":"t","filter":"id=eq.1"}],"private":true},"access_token":"x"}]"#,
+            r#"{"topic":"phoenix","event":"heartbeat","payload":{},"ref":"7"}"#,
+            r#"[null,"3","realtime:a","broadcast",{"type":"broadcast","event":"e","payload":{"a":[1,2,{"b":null}]}}]"#,
+            r#"{"topic":"realtime:a","event":"presence","payload":{"event":"track","payload":{"k":"v"}},"ref":null,"join_ref":"1"}"#,
+            r#"["1","2","realtime:a","access_token",{"access_token":"\u0000\"x"}]"#,
+        ];
+        const ALPHABET: &[u8] = b"[]{},:\"\\01null truefalse-realtime:phx_";
+        let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
+        let mut decoded = 0;
+        for round in 0..100_000 {
+            let mut input = SEEDS[rng.below(SEEDS.len())].as_bytes().to_vec();
+            if round % 10 == 0 {
+                input = (0..rng.below(80)).map(|_| rng.next() as u8).collect();
+            }
+            for _ in 0..=rng.below(4) {
+                let at = rng.below(input.len() + 1);
+                match rng.below(5) {
+                    0 => input.insert(at, ALPHABET[rng.below(ALPHABET.len())]),
+                    1 => input.insert(at, rng.next() as u8),
+                    2 if at < input.len() => {
+                        input.remove(at);
+                    }
+                    3 => input.truncate(at),
+                    _ => {
+                        let other = SEEDS[rng.below(SEEDS.len())].as_bytes();
+                        input.splice(at..at, other[rng.below(other.len())..].iter().copied());
+                    }
+                }
+            }
+            // realtime-js's binary push: any bytes.
+            let _ = decode_binary_push(&input);
+            let text = String::from_utf8_lossy(&input);
+            for vsn in [Vsn::V1, Vsn::V2] {
+                let Ok(frame) = decode(vsn, &text) else { continue };
+                decoded += 1;
+                let encoded = encode(
+                    vsn,
+                    frame.join_ref.as_deref(),
+                    frame.msg_ref.as_deref(),
+                    &frame.topic,
+                    &frame.event,
+                    &frame.payload,
+                );
+                let again =
+                    decode(vsn, &encoded).unwrap_or_else(|e| panic!("{encoded:?} does not decode: {e}"));
+                if !has_float(&frame.payload) {
+                    assert_eq!(again, frame, "{text:?}");
+                } else {
+                    assert_eq!((&again.topic, &again.event), (&frame.topic, &frame.event));
+                }
+            }
+        }
+        assert!(decoded > 10_000, "the mutations reach the decoders' success paths ({decoded})");
+    }
 }
