@@ -272,6 +272,7 @@ pub fn decode_binary_push(frame: &[u8]) -> Result<BinaryPush, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::random::XorShift;
     use serde_json::json;
 
     #[test]
@@ -368,24 +369,6 @@ mod tests {
     fn change_messages_list_their_binding_ids_before_the_shared_data() {
         let Message::Text(text) = change(Vsn::V2, "realtime:t", &[3, 9], "{}") else { panic!("text") };
         assert_eq!(text.as_str(), r#"[null,null,"realtime:t","postgres_changes",{"ids":[3,9],"data":{}}]"#);
-    }
-
-    /// xorshift64: a seeded, repeatable stream for the fuzz test (no dependency for it).
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
     }
 
     fn has_float(value: &Value) -> bool {

@@ -564,6 +564,7 @@ fn placeholder_index(num: &Value) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::random::XorShift;
     use serde_json::json;
 
     fn sio(text: &str) -> SioPacket {
@@ -940,23 +941,6 @@ mod tests {
     }
 
     // --- Fuzz ------------------------------------------------------------------------------
-
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
 
     const SEEDS: &[&str] = &[
         r#"0{"sid":"lv_VI97HAXpY6yYWAAAC","upgrades":["websocket"],"pingInterval":25000,"pingTimeout":20000,"maxPayload":1000000}"#,
