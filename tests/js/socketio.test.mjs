@@ -80,6 +80,9 @@ test('rooms: joined at connect from claims, by join (acked), left by leave; one 
   socket.onAny((event, ...args) => got.push({ event, args }));
   await once(socket, 'connect');
 
+  const metrics = await (await fetch(`${demo.info.http}/metrics`)).text();
+  assert.match(metrics, /^pgcast_connections_by_protocol\{protocol="socketio"\} [1-9]/m, 'counted by protocol');
+
   // Connect rooms from the config: user:{claims.sub} and {claims.role}s.
   await serverBroadcast([
     { topic: 'user:bob', event: 'inbox:updated', payload: { n: 1 } },

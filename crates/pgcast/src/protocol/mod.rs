@@ -32,6 +32,14 @@ impl Wire {
         }
     }
 
+    /// The protocol's name in metrics labels.
+    pub fn protocol(self) -> &'static str {
+        match self {
+            Wire::PhoenixV1 | Wire::PhoenixV2 => "phoenix",
+            Wire::SocketIo => "socketio",
+        }
+    }
+
     /// The Phoenix serializer this wire speaks (`V2` for a wire that is not Phoenix: never
     /// asked of one by the code that holds it).
     pub fn vsn(self) -> phoenix::Vsn {

@@ -199,6 +199,7 @@ impl Core {
         let limiter = RateLimiter::direct(Quota::per_second(rate));
         // Counted here and uncounted in `Drop`: exactly once, however the session ends.
         metrics::gauge!("pgcast_connections").increment(1.0);
+        metrics::gauge!("pgcast_connections_by_protocol", "protocol" => wire.protocol()).increment(1.0);
         Core {
             handle,
             state,
@@ -291,6 +292,8 @@ impl Drop for Core {
     fn drop(&mut self) {
         self.release();
         metrics::gauge!("pgcast_connections").decrement(1.0);
+        metrics::gauge!("pgcast_connections_by_protocol", "protocol" => self.handle.wire.protocol())
+            .decrement(1.0);
     }
 }
 
