@@ -25,7 +25,7 @@ use axum::routing::any;
 use axum::Router;
 use serde_json::{json, Value};
 
-use crate::protocol::socketio::{decode_sio, encode_sio, SioKind, SioPacket};
+use crate::protocol::socketio::{connect_error, decode_sio, packet_message, SioKind, SioPacket};
 use crate::transport::engineio::{EngineConfig, EngineTransport, Engines, Handshake, Spawn};
 use crate::transport::{Incoming, Transport};
 
@@ -89,7 +89,7 @@ async fn engine_echo(mut transport: EngineTransport) {
 
 /// A Socket.IO packet with its binary attachments, as one unit to send.
 fn engine_messages(packet: &SioPacket, attachments: Vec<axum::body::Bytes>) -> Vec<Message> {
-    let mut messages = vec![Message::Text(format!("4{}", encode_sio(packet)).into())];
+    let mut messages = vec![packet_message(packet)];
     messages.extend(attachments.into_iter().map(Message::Binary));
     messages
 }
@@ -174,11 +174,7 @@ fn echo(
     match packet.kind {
         SioKind::Connect => {
             if nsp != "/" && nsp != "/custom" {
-                let refusal = SioPacket::new(
-                    SioKind::ConnectError,
-                    nsp,
-                    Some(json!({ "message": "Invalid namespace" })),
-                );
+                let refusal = connect_error(&nsp, "Invalid namespace");
                 return Ok(vec![engine_messages(&refusal, Vec::new())]);
             }
             if !connected.insert(nsp.clone()) {

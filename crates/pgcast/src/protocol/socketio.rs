@@ -119,6 +119,17 @@ pub fn event_message(event: &str, argument_json: &str) -> axum::extract::ws::Mes
     axum::extract::ws::Message::Text(text.into())
 }
 
+/// A Socket.IO packet as one Engine.IO message frame (`4` + the packet; attachments, if any,
+/// follow as binary frames).
+pub fn packet_message(packet: &SioPacket) -> axum::extract::ws::Message {
+    axum::extract::ws::Message::Text(format!("4{}", encode_sio(packet)).into())
+}
+
+/// `CONNECT_ERROR` for namespace `nsp` with `{message}`, as socket.io-client reads it.
+pub fn connect_error(nsp: &str, message: &str) -> SioPacket {
+    SioPacket::new(SioKind::ConnectError, nsp, Some(serde_json::json!({ "message": message })))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Engine.IO
 // ---------------------------------------------------------------------------------------------

@@ -287,9 +287,14 @@ impl Core {
                 return Err(error.into());
             }
         };
+        self.refresh_as(topic_text, &claims).await
+    }
+
+    /// [`Core::refresh`] with claims already verified (one token for several channels).
+    pub async fn refresh_as(&mut self, topic_text: &str, claims: &Claims) -> Result<(), RefreshError> {
         let Some(channel) = self.channels.get(topic_text) else { return Ok(()) };
         let name = channel_name(topic_text);
-        let access = self.state.policy.channel_access(name, channel.private, &claims);
+        let access = self.state.policy.channel_access(name, channel.private, claims);
         if !access.admits(channel.bindings.is_some()) {
             return Err(RefreshError::MayNotStay { role: claims.role.clone(), channel: name.to_string() });
         }
@@ -301,7 +306,7 @@ impl Core {
             Err(e) => return Err(RefreshError::Binding(format!("internal error: bindings unreadable: {e}"))),
         };
         let subscriptions =
-            match subscribe::subscribe(&self.state, &self.handle, &topic, &bindings, &claims, None).await {
+            match subscribe::subscribe(&self.state, &self.handle, &topic, &bindings, claims, None).await {
                 Ok((subscriptions, _)) => subscriptions,
                 Err(reason) => return Err(RefreshError::Binding(reason)),
             };
@@ -316,7 +321,7 @@ impl Core {
         self.state
             .hub
             .join(&topic, Member { session: self.handle.clone(), can_read: access.read, receive_own });
-        self.audit(AuditEvent::new(Action::TokenRefresh).claims(Some(&claims)).channel(topic_text));
+        self.audit(AuditEvent::new(Action::TokenRefresh).claims(Some(claims)).channel(topic_text));
         Ok(())
     }
 

@@ -182,10 +182,7 @@ impl<T: Transport> Session<Phoenix, T> {
         if let Some(replay) = joined.replay {
             let outcome = match replay {
                 Ok(messages) => {
-                    let replayed = messages.len();
-                    for message in messages {
-                        self.transport.feed(message).await?;
-                    }
+                    let replayed = self.feed_all(messages).await?;
                     self.transport.flush().await?;
                     Ok(format!("resumed: {replayed} missed changes replayed"))
                 }
@@ -197,10 +194,7 @@ impl<T: Transport> Session<Phoenix, T> {
             let epoch = self.core.state.hub.epoch().to_string();
             let outcome = match replay {
                 Ok(messages) => {
-                    let replayed = messages.len();
-                    for message in messages {
-                        self.transport.feed(message).await?;
-                    }
+                    let replayed = self.feed_all(messages).await?;
                     Ok(format!("resumed: {replayed} missed broadcasts replayed"))
                 }
                 Err(reason) => Err(reason.to_string()),
@@ -211,6 +205,15 @@ impl<T: Transport> Session<Phoenix, T> {
             self.sync_presence(&frame.topic).await?;
         }
         Ok(())
+    }
+
+    /// Feeds replayed messages (written before anything queued live); returns how many.
+    async fn feed_all(&mut self, messages: Vec<axum::extract::ws::Message>) -> Result<usize, TransportError> {
+        let count = messages.len();
+        for message in messages {
+            self.transport.feed(message).await?;
+        }
+        Ok(count)
     }
 
     /// The `system` message (`extension: "pgcast"`) that ends a resume: `ok` with what was

@@ -16,7 +16,7 @@ use super::{
 use crate::audit::{Action, AuditEvent};
 use crate::auth::Claims;
 use crate::outbound::close_code;
-use crate::protocol::socketio::{decode_sio, encode_sio, SioKind, SioPacket};
+use crate::protocol::socketio::{connect_error, decode_sio, packet_message, SioKind, SioPacket};
 use crate::transport::{Incoming, Transport, TransportError};
 
 /// The Socket.IO protocol state of one connection.
@@ -121,9 +121,7 @@ impl Protocol for SocketIo {
 
     async fn closing<T: Transport>(session: &mut Session<SocketIo, T>, code: u16, reason: &str) {
         if !session.protocol.connected {
-            let _ = session
-                .send_packet(&SioPacket::new(SioKind::ConnectError, "/", Some(json!({ "message": reason }))))
-                .await;
+            let _ = session.send_packet(&connect_error("/", reason)).await;
             return;
         }
         let _ = session.emit("error", &json!(reason)).await;
@@ -146,8 +144,7 @@ impl<T: Transport> Session<SocketIo, T> {
     }
 
     async fn send_packet(&mut self, packet: &SioPacket) -> Result<(), TransportError> {
-        let text = format!("4{}", encode_sio(packet));
-        self.transport.send(axum::extract::ws::Message::Text(text.into())).await
+        self.transport.send(packet_message(packet)).await
     }
 
     async fn emit(&mut self, event: &str, argument: &Value) -> Result<(), TransportError> {
@@ -165,11 +162,7 @@ impl<T: Transport> Session<SocketIo, T> {
     async fn packet(&mut self, packet: SioPacket) -> Result<(), TransportError> {
         if packet.nsp != "/" {
             if packet.kind == SioKind::Connect {
-                let refusal = SioPacket::new(
-                    SioKind::ConnectError,
-                    packet.nsp,
-                    Some(json!({ "message": "Invalid namespace" })),
-                );
+                let refusal = connect_error(&packet.nsp, "Invalid namespace");
                 return self.send_packet(&refusal).await;
             }
             self.protocol_error("a packet for a namespace that is not connected");
@@ -213,14 +206,13 @@ impl<T: Transport> Session<SocketIo, T> {
                 let reason = token_problem(&error);
                 self.core.audit(AuditEvent::new(Action::AuthFailure).detail(reason.clone()));
                 tracing::info!(session = self.core.id(), reason = %reason, "connect refused");
-                let refusal = SioPacket::new(SioKind::ConnectError, "/", Some(json!({ "message": reason })));
+                let refusal = connect_error("/", &reason);
                 return self.send_packet(&refusal).await;
             }
         };
         if let Err(error) = self.core.authenticated(&claims) {
             let reason = error.to_string();
-            let refusal =
-                SioPacket::new(SioKind::ConnectError, "/", Some(json!({ "message": reason.clone() })));
+            let refusal = connect_error("/", &reason);
             self.send_packet(&refusal).await?;
             if let Some(code) = error.cuts_off() {
                 self.core.cut_off(code, reason);
@@ -318,15 +310,18 @@ impl<T: Transport> Session<SocketIo, T> {
     /// `access_token`: the connection continues under a new token; rooms the new claims may
     /// not stay in are left, each with an `error` event.
     async fn refresh(&mut self, token: &str, ack: Option<u64>) -> Result<(), TransportError> {
-        if let Err(error) = self.core.verify_token(Some(token)) {
-            metrics::counter!("pgcast_auth_failures_total").increment(1);
-            let reason = token_problem(&error);
-            self.core.audit(AuditEvent::new(Action::AuthFailure).detail(reason.clone()));
-            return self.ack(ack, json!({ "error": reason })).await;
-        }
+        let claims = match self.core.verify_token(Some(token)) {
+            Ok(claims) => claims,
+            Err(error) => {
+                metrics::counter!("pgcast_auth_failures_total").increment(1);
+                let reason = token_problem(&error);
+                self.core.audit(AuditEvent::new(Action::AuthFailure).detail(reason.clone()));
+                return self.ack(ack, json!({ "error": reason })).await;
+            }
+        };
         let topics: Vec<String> = self.core.channels.keys().cloned().collect();
         for topic in topics {
-            if let Err(error) = self.core.refresh(&topic, token).await {
+            if let Err(error) = self.core.refresh_as(&topic, &claims).await {
                 self.core.leave(&topic);
                 let reason = format!("left room {}: {error}", channel_name(&topic));
                 self.emit("error", &json!(reason)).await?;

@@ -432,12 +432,6 @@ impl EngineTransport {
         &self.engines.config
     }
 
-    /// Writes one packet now on the WebSocket, or adds it to what the next poll takes.
-    async fn write_packet(&mut self, packet: Message) -> Result<(), TransportError> {
-        self.feed(packet).await?;
-        self.flush().await
-    }
-
     fn pong(&mut self) {
         self.pong_due = None;
         self.next_ping = Instant::now() + self.config().ping_interval;
@@ -614,7 +608,7 @@ impl EngineTransport {
         }
         let due = Instant::now() + self.config().ping_timeout;
         // The ping counts as out once written (a cancelled write is tried again).
-        self.write_packet(Message::Text("2".into())).await?;
+        self.send(Message::Text("2".into())).await?;
         self.pong_due = Some(due);
         if let Ok(mut dead) = self.shared.dead_at.lock() {
             *dead = Some(due);
