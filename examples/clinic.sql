@@ -34,3 +34,16 @@ CREATE TABLE IF NOT EXISTS queue_entries (
     checked_in_at  timestamptz NOT NULL DEFAULT now()
 );
 ALTER TABLE queue_entries REPLICA IDENTITY FULL;
+
+-- The day an appointment falls on (UTC), for seed 004's `subscribe:appointments {date}` filter
+-- (examples/socketio.toml): filters compare a column with a value. Set by a trigger rather than
+-- a generated column, which logical replication does not send before PostgreSQL 18.
+ALTER TABLE appointments ADD COLUMN IF NOT EXISTS starts_on date;
+CREATE OR REPLACE FUNCTION appointments_starts_on() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.starts_on := (NEW.starts_at AT TIME ZONE 'UTC')::date;
+    RETURN NEW;
+END
+$$;
+CREATE OR REPLACE TRIGGER appointments_starts_on BEFORE INSERT OR UPDATE OF starts_at ON appointments
+    FOR EACH ROW EXECUTE FUNCTION appointments_starts_on();

@@ -109,6 +109,7 @@ struct FileSocketIo {
     ping_interval_ms: Option<u64>,
     ping_timeout_ms: Option<u64>,
     connect_rooms: Option<Vec<String>>,
+    tables: Option<Vec<crate::rooms::FileTable>>,
 }
 
 pub const DEFAULT_SOCKETIO_PATH: &str = "/socket.io/";
@@ -127,6 +128,8 @@ pub struct SocketIoConfig {
     /// Rooms every connection joins when it connects, as templates over its token's claims
     /// (`user:{claims.sub}`); a template naming a claim the token lacks is skipped.
     pub connect_rooms: Vec<String>,
+    /// `[[socketio.tables]]`: rooms and subscriptions fed by table changes.
+    pub tables: crate::rooms::TableRoutes,
 }
 
 impl SocketIoConfig {
@@ -155,6 +158,8 @@ impl SocketIoConfig {
             ping_interval,
             ping_timeout,
             connect_rooms: file.connect_rooms.unwrap_or_default(),
+            tables: crate::rooms::TableRoutes::compile(file.tables.unwrap_or_default())
+                .map_err(|message| ConfigError::Invalid { key: "socketio.tables", message })?,
         })
     }
 }

@@ -25,6 +25,7 @@ pub mod presence;
 pub mod protocol;
 pub mod random;
 pub mod rls;
+pub mod rooms;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -53,6 +53,31 @@ pub enum ServerError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     Retention(#[from] crate::capture::retention::RetentionError),
+    #[error("invalid socketio.tables: {0}")]
+    SocketIoTables(String),
+}
+
+/// `[[socketio.tables]]` against the publication: a column a room template or filter names
+/// must exist; a table not published yet is a warning (`pgcast tables add` can follow).
+async fn check_socketio_tables(config: &Config, catalog: &Catalog) -> Result<(), ServerError> {
+    let routes = &config.socketio.tables;
+    for route in (0..).map_while(|i| routes.get(i)) {
+        let (schema, table) = (&route.schema, &route.table);
+        match catalog.published_table(schema, table).await? {
+            None => tracing::warn!(
+                table = %format!("{schema}.{table}"),
+                "socketio.tables names a table that is not in the publication: its rooms get no changes until `pgcast tables add`"
+            ),
+            Some(published) => {
+                if let Some(column) = route.columns().find(|c| published.column(c).is_none()) {
+                    return Err(ServerError::SocketIoTables(format!(
+                        "table {schema}.{table} has no column {column:?} (named by a room template or filter)"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Everything a request or a session needs, shared.
@@ -219,6 +244,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             );
         }
     }
+    check_socketio_tables(&config, &catalog).await?;
     crate::audit::ensure_table(&db, &config.audit_app_roles).await?;
     let (audit, audit_events) = AuditLog::new();
     let (audit_trigger, audit_shutdown) = shutdown::channel();

@@ -4,7 +4,11 @@
 //! and cache what they encode per wire ([`PerWire`]): each distinct message is encoded once per
 //! format, never per connection. Every byte layout is in the format's own module.
 
+use std::sync::Arc;
+
 use axum::extract::ws::Message;
+
+use crate::capture::ChangeKind;
 
 pub mod phoenix;
 pub mod socketio;
@@ -102,6 +106,45 @@ pub fn change(wire: Wire, topic: &str, ids: &[u32], data: &str) -> Message {
             payload.push('}');
             socketio::event_message("postgres_changes", &payload)
         }
+    }
+}
+
+/// A table change as a named event (Socket.IO rooms fed by `[[socketio.tables]]`): the event
+/// name for each operation and the key the row goes under (`{operation, appointment}`).
+#[derive(Debug)]
+pub struct TableEvent {
+    /// Shared by every subscription of this route, whatever room it came from: a connection
+    /// in several of the route's rooms gets each change once.
+    pub group: Arc<str>,
+    /// The same for every subscription of the route, so their messages are encoded once.
+    pub binding_id: u32,
+    pub insert: Box<str>,
+    pub update: Box<str>,
+    pub delete: Box<str>,
+    pub key: Box<str>,
+}
+
+impl TableEvent {
+    /// The event name for an operation (a row leaving a member's view is a DELETE to it).
+    pub fn name(&self, kind: ChangeKind) -> &str {
+        match kind {
+            ChangeKind::Insert => &self.insert,
+            ChangeKind::Update => &self.update,
+            ChangeKind::Delete | ChangeKind::Truncate => &self.delete,
+        }
+    }
+}
+
+/// A table change as the event `name` with `data` (`payload::event_data`) as its argument.
+pub fn table_event(wire: Wire, topic: &str, name: &str, data: &str) -> Message {
+    match wire {
+        Wire::SocketIo => socketio::event_message(name, data),
+        // Only the Socket.IO adapter makes such subscriptions; a Phoenix member would get the
+        // event as a push on its channel.
+        Wire::PhoenixV1 | Wire::PhoenixV2 => match serde_json::from_str::<serde_json::Value>(data) {
+            Ok(payload) => push(wire, topic, name, &payload),
+            Err(_) => push(wire, topic, name, &serde_json::Value::Null),
+        },
     }
 }
 

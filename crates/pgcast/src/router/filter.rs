@@ -89,28 +89,30 @@ impl Filter {
                 )))
             }
         };
+        Filter::typed(column, op, value, table).map_err(invalid)
+    }
+
+    /// `column = value`, `value` as PostgreSQL text (a Socket.IO room's or subscription's
+    /// equality), checked against the column's type like a parsed filter.
+    pub fn equal(column: &str, value: &str, table: &PublishedTable) -> Result<Filter, String> {
+        Filter::typed(column, Op::Eq, value, table).map_err(|problem| {
+            format!("invalid filter {}: {problem}", shape(&format!("{column}=eq.{value}")))
+        })
+    }
+
+    /// `column op value` against the table's columns; the error is the problem only.
+    fn typed(column: &str, op: Op, value: &str, table: &PublishedTable) -> Result<Filter, String> {
         let col = table.column(column).ok_or_else(|| {
-            invalid(format!(
-                "table {}.{} has no column {}",
-                table.schema,
-                table.name,
-                clip(column, NAME_CHARS)
-            ))
+            format!("table {}.{} has no column {}", table.schema, table.name, clip(column, NAME_CHARS))
         })?;
         if !col.kind.is_filterable() {
-            return Err(invalid(format!(
-                "column {column:?} has type {} which cannot be filtered",
-                col.type_name
-            )));
+            return Err(format!("column {column:?} has type {} which cannot be filtered", col.type_name));
         }
-        let raw_operands =
-            if op == Op::In { parse_in_list(value).map_err(invalid)? } else { vec![value.to_string()] };
+        let raw_operands = if op == Op::In { parse_in_list(value)? } else { vec![value.to_string()] };
         let operands = raw_operands
             .iter()
             .map(|raw| {
-                col.kind
-                    .parse_scalar(raw)
-                    .ok_or_else(|| invalid(format!("a value is not a valid {}", col.type_name)))
+                col.kind.parse_scalar(raw).ok_or_else(|| format!("a value is not a valid {}", col.type_name))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Filter { column: column.to_string(), op, kind: col.kind.clone(), operands })

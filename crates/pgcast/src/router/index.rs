@@ -28,18 +28,32 @@ pub struct Subscription {
     /// `None` subscribes to every published table of the schema.
     pub table: Option<String>,
     pub events: EventFilter,
-    pub filter: Option<Filter>,
+    /// Conditions a row must meet, all of them (a binding's `filter`, a Socket.IO room's or
+    /// subscription's equalities).
+    pub filters: Box<[Filter]>,
     /// What the subscriber's role may see; `None` for the service role (everything).
     pub policy: Option<BoundPolicy>,
     /// A resumed subscription already has everything up to here.
     pub min_position: Option<crate::log::Position>,
+    /// Set for a Socket.IO room or subscription fed by `[[socketio.tables]]`: changes go out
+    /// as this named event instead of a `postgres_changes` message on `topic`.
+    pub event: Option<Arc<crate::protocol::TableEvent>>,
 }
 
 impl Subscription {
+    /// What a connection gets one message per change for: its channel, or for a table event
+    /// the route, whichever of the route's rooms matched (each change reaches it once).
+    pub fn group(&self) -> &Arc<str> {
+        match &self.event {
+            Some(event) => &event.group,
+            None => &self.topic,
+        }
+    }
+
     /// The (column, value key) the index files this subscription under: its own equality
     /// filter, else its policy's pinned column; `None` when it must be tested one by one.
     pub fn index_key(&self) -> Option<(String, String)> {
-        let by_filter = self.filter.as_ref().and_then(|f| f.eq_key().map(|k| (f.column.clone(), k)));
+        let by_filter = self.filters.iter().find_map(|f| f.eq_key().map(|k| (f.column.clone(), k)));
         by_filter.or_else(|| {
             let condition = self.policy.as_ref()?.index_condition()?;
             Some((condition.column.clone(), condition.eq_key()?))
@@ -60,7 +74,7 @@ impl Subscription {
             return Visibility::Hidden;
         }
         if let Some(policy) = &self.policy {
-            let visibility = policy.visibility(change, self.filter.as_ref());
+            let visibility = policy.visibility(change, &self.filters);
             return match visibility {
                 Visibility::Visible(_) if !self.events.accepts(change.kind) => Visibility::Hidden,
                 Visibility::LeftView(_)
@@ -78,12 +92,12 @@ impl Subscription {
         if change.kind == ChangeKind::Truncate {
             // A truncation has no row to test a filter against (and a TRUNCATE binding with a
             // filter is refused at join).
-            return if self.filter.is_none() { Visibility::Visible(None) } else { Visibility::Hidden };
+            return if self.filters.is_empty() { Visibility::Visible(None) } else { Visibility::Hidden };
         }
-        let passes = match (&self.filter, filter_row(change)) {
-            (None, _) => true,
-            (Some(filter), Some(row)) => filter.matches(&change.relation, row),
-            (Some(_), None) => false,
+        let passes = match filter_row(change) {
+            _ if self.filters.is_empty() => true,
+            Some(row) => self.filters.iter().all(|f| f.matches(&change.relation, row)),
+            None => false,
         };
         if passes {
             Visibility::Visible(None)

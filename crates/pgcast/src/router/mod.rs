@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock};
 use axum::extract::ws::Message;
 use tokio::sync::mpsc;
 
-use crate::capture::{Change, Progress, Transaction};
+use crate::capture::{Change, ChangeKind, Progress, Transaction};
 use crate::log::{History, Position};
 use crate::outbound::{Frames, Outbound, SessionHandle};
 use crate::protocol;
@@ -102,6 +102,9 @@ pub struct Fanout {
     hits: Vec<(Arc<Subscription>, u32)>,
     /// shape id -> the view and its serialized `data`, made when first needed. Few per change.
     views: Vec<(u32, Visibility, Option<String>)>,
+    /// A table event's argument (`payload::event_data`) per (shape, route's binding id), made
+    /// when first needed.
+    event_data: Vec<(u32, u32, String)>,
     /// The binding ids of every recipient; each recipient owns a range of it.
     ids: Vec<u32>,
     /// One message each: the index in `hits` of its first hit (session, topic, shape) and the
@@ -182,9 +185,10 @@ impl Fanout {
         if self.matched.iter().any(|(_, v)| matches!(v, Visibility::NeedsRls(..))) {
             self.resolve_rls(change, rls).await;
         }
-        let Fanout { matched, hits, views, ids, recipients } = self;
+        let Fanout { matched, hits, views, event_data, ids, recipients } = self;
         hits.clear();
         views.clear();
+        event_data.clear();
         ids.clear();
         recipients.clear();
         for (sub, visibility) in matched.drain(..) {
@@ -201,7 +205,7 @@ impl Fanout {
         // One recipient per (session, topic, shape), with its binding ids sorted and distinct.
         hits.sort_unstable_by(|(a, shape_a), (b, shape_b)| {
             (a.session.id.cmp(&b.session.id))
-                .then_with(|| cmp_topic(&a.topic, &b.topic))
+                .then_with(|| cmp_topic(a.group(), b.group()))
                 .then(shape_a.cmp(shape_b))
                 .then(a.binding_id.cmp(&b.binding_id))
         });
@@ -213,7 +217,7 @@ impl Fanout {
             while let Some((sub, sub_shape)) = hits.get(next) {
                 let same = sub.session.id == lead.session.id
                     && sub_shape == shape
-                    && cmp_topic(&sub.topic, &lead.topic).is_eq();
+                    && cmp_topic(sub.group(), lead.group()).is_eq();
                 if !same {
                     break;
                 }
@@ -229,7 +233,7 @@ impl Fanout {
         // Recipients of the same message next to each other, so it is serialized once.
         let same_message = |(a, ids_a): &(usize, Range<usize>), (b, ids_b): &(usize, Range<usize>)| {
             let ((sub_a, shape_a), (sub_b, shape_b)) = (&hits[*a], &hits[*b]);
-            cmp_topic(&sub_a.topic, &sub_b.topic)
+            cmp_topic(sub_a.group(), sub_b.group())
                 .then_with(|| ids[ids_a.clone()].cmp(&ids[ids_b.clone()]))
                 .then(sub_a.session.wire.cmp(&sub_b.session.wire))
                 .then(shape_a.cmp(shape_b))
@@ -247,17 +251,45 @@ impl Fanout {
                     let Some((_, visibility, data)) = views.iter_mut().find(|(id, ..)| id == shape) else {
                         continue;
                     };
-                    let data = data.get_or_insert_with(|| {
-                        let view = match visibility {
-                            Visibility::Visible(Some(spec)) => View::Shaped(spec),
-                            Visibility::LeftView(primary_key) => View::LeftView(primary_key),
-                            Visibility::Visible(None) | Visibility::Hidden => View::Full,
-                            Visibility::NeedsRls(spec, _) => View::Shaped(spec),
-                        };
-                        payload::change_data(tx, change, view, position, epoch)
-                    });
-                    let message =
-                        protocol::change(sub.session.wire, &sub.topic, &ids[recipient.1.clone()], data);
+                    let view = match visibility {
+                        Visibility::Visible(Some(spec)) => View::Shaped(spec),
+                        Visibility::LeftView(primary_key) => View::LeftView(primary_key),
+                        Visibility::Visible(None) | Visibility::Hidden => View::Full,
+                        Visibility::NeedsRls(spec, _) => View::Shaped(spec),
+                    };
+                    let message = match &sub.event {
+                        None => {
+                            let data = data.get_or_insert_with(|| {
+                                payload::change_data(tx, change, view, position, epoch)
+                            });
+                            protocol::change(sub.session.wire, &sub.topic, &ids[recipient.1.clone()], data)
+                        }
+                        Some(event) => {
+                            let route = event.binding_id;
+                            let at = match event_data.iter().position(|(s, r, _)| s == shape && *r == route) {
+                                Some(at) => at,
+                                None => {
+                                    event_data.push((
+                                        *shape,
+                                        route,
+                                        payload::event_data(change, view, &event.key),
+                                    ));
+                                    event_data.len() - 1
+                                }
+                            };
+                            let kind = if matches!(view, View::LeftView(_)) {
+                                ChangeKind::Delete
+                            } else {
+                                change.kind
+                            };
+                            protocol::table_event(
+                                sub.session.wire,
+                                &sub.topic,
+                                event.name(kind),
+                                &event_data[at].2,
+                            )
+                        }
+                    };
                     last = Some((r, message.clone()));
                     message
                 }

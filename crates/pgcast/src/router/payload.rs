@@ -140,6 +140,34 @@ pub fn change_data(
     out
 }
 
+/// A table change as a Socket.IO room event's argument: `{"operation": "UPDATE", <key>: row}`
+/// (seed 000's `{operation, appointment}`), the row as `view` allows: the new row, or for a
+/// DELETE (and a row leaving the view) the old row PostgreSQL sent.
+pub fn event_data(change: &Change, view: View<'_>, key: &str) -> String {
+    let relation = &change.relation;
+    let kind = if matches!(view, View::LeftView(_)) { ChangeKind::Delete } else { change.kind };
+    let mut out = String::with_capacity(128);
+    out.push_str("{\"operation\":\"");
+    out.push_str(kind.as_str());
+    out.push_str("\",");
+    write_string(key, &mut out);
+    out.push(':');
+    let row = match kind {
+        ChangeKind::Insert | ChangeKind::Update => change.new.as_ref(),
+        ChangeKind::Delete | ChangeKind::Truncate => change.old.as_ref(),
+    };
+    match row {
+        Some(row) => {
+            // Without REPLICA IDENTITY FULL a DELETE's old row holds the key only.
+            let keys_only = kind == ChangeKind::Delete && relation.replica_identity != b'f';
+            row.write_json_where(relation, |c| view.includes(c) && (!keys_only || c.is_key), &mut out)
+        }
+        None => out.push_str("null"),
+    }
+    out.push('}');
+    out
+}
+
 /// `2024-05-01T09:00:00.123Z` (millisecond precision, as Supabase Realtime sends it).
 pub fn format_utc_micros(micros: i64) -> String {
     let secs = micros.div_euclid(1_000_000);

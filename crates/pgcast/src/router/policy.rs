@@ -670,9 +670,9 @@ impl BoundPolicy {
     }
 
     /// Visibility of a change for a subscriber whose own filter is `filter`.
-    pub fn visibility(&self, change: &Change, filter: Option<&Filter>) -> Visibility {
+    pub fn visibility(&self, change: &Change, filters: &[Filter]) -> Visibility {
         let relation = &change.relation;
-        let passes_filter = |row: &Row| filter.is_none_or(|f| f.matches(relation, row));
+        let passes_filter = |row: &Row| filters.iter().all(|f| f.matches(relation, row));
         if let (Some(identity), Some(delete_shape)) = (&self.rls, &self.rls_delete_shape) {
             // RLS mode: the filter narrows, PostgreSQL decides. A deleted row cannot be
             // checked any more, so DELETEs go out with the primary key only.

@@ -13,6 +13,8 @@ use crate::audit::{Action, AuditEvent};
 use crate::auth::Claims;
 use crate::broadcast::{BroadcastResync, Member};
 use crate::log::{Position, ResyncReason};
+use crate::rooms::TableBinding;
+use crate::router::policy::ChannelAccess;
 
 /// What a client asked to join, as its adapter read it. A field the adapter could not read is
 /// kept as its error and raised when the core reaches that check, so refusals come in the same
@@ -25,7 +27,9 @@ pub struct JoinRequest<'a> {
     pub access_token: Option<&'a str>,
     /// `postgres_changes` bindings (`{event, schema, table, filter}`).
     pub bindings: Result<Vec<Value>, JoinError>,
-    pub private: bool,
+    /// Table changes by `[[socketio.tables]]` routes (a Socket.IO room or subscription).
+    pub tables: Vec<TableBinding>,
+    pub rules: Rules,
     /// Where a returning client left off: `(epoch, position)`.
     pub resume: Result<Option<(String, Position)>, JoinError>,
     /// The last broadcast a returning client received: `(seq, epoch)`.
@@ -36,6 +40,28 @@ pub struct JoinRequest<'a> {
     pub ack: bool,
     pub presence_enabled: bool,
     pub presence_key: Option<&'a str>,
+}
+
+/// Which rules decide who may join a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rules {
+    /// Open to any valid token, unless the policy file closes public channels.
+    Public,
+    /// The policy file's channel rules.
+    Private,
+    /// A server-side subscription (a Socket.IO subscribe event): no channel rule applies and
+    /// nothing can be sent to it; the row policy decides every row it receives.
+    RowsOnly,
+}
+
+impl Rules {
+    fn access(self, policy: &crate::router::policy::Policy, name: &str, claims: &Claims) -> ChannelAccess {
+        match self {
+            Rules::Public => policy.channel_access(name, false, claims),
+            Rules::Private => policy.channel_access(name, true, claims),
+            Rules::RowsOnly => ChannelAccess { read: true, write: false },
+        }
+    }
 }
 
 /// A join the core accepted: the channel is live (subscriptions indexed, hub member), and this
@@ -106,19 +132,21 @@ impl Core {
             Ok(bindings) => bindings,
             Err(error) => return Err(self.refused(topic_text, &claims, error)),
         };
-        let private = request.private;
+        let rules = request.rules;
         let name = channel_name(topic_text);
-        let access = self.state.policy.channel_access(name, private, &claims);
+        let access = rules.access(&self.state.policy, name, &claims);
         if !access.read && !access.write {
             // Not counted or audited as a refused join: the channel's rules say no to everyone
             // of this role, which is configuration, not an attempt.
-            return Err(if private {
+            return Err(if rules == Rules::Private {
                 JoinError::PrivateChannelDenied { role: claims.role.clone(), channel: name.to_string() }
             } else {
                 JoinError::PublicChannelsDisabled
             });
         }
-        if !bindings.is_empty() && !access.read {
+        let tables = request.tables;
+        let receives_changes = !bindings.is_empty() || !tables.is_empty();
+        if receives_changes && !access.read {
             let error = JoinError::MayNotRead { role: claims.role.clone(), channel: name.to_string() };
             return Err(self.refused(topic_text, &claims, error));
         }
@@ -130,11 +158,15 @@ impl Core {
         // A resuming subscription never receives a change at or before its position live
         // (a restarted server streams the last changes again).
         let floor = resume.as_ref().map(|(_, position)| *position);
-        let (subscriptions, response) =
+        let (mut subscriptions, response) =
             match subscribe::subscribe(&self.state, &self.handle, &topic, &bindings, &claims, floor).await {
                 Ok(result) => result,
                 Err(reason) => return Err(self.refused(topic_text, &claims, JoinError::Binding(reason))),
             };
+        match subscribe::subscribe_tables(&self.state, &self.handle, &topic, &tables, &claims, floor).await {
+            Ok(more) => subscriptions.extend(more),
+            Err(reason) => return Err(self.refused(topic_text, &claims, JoinError::Binding(reason))),
+        }
         // Snapshot the history and go live under the history lock: the router appends and
         // routes under it too, so every change is either in the snapshot or delivered live.
         let history = self.state.history.lock().await;
@@ -189,10 +221,11 @@ impl Core {
             Box::new(JoinedChannel {
                 join_ref: request.join_ref.map(Box::from),
                 bindings: (!bindings.is_empty()).then(|| Value::from(bindings).to_string().into_boxed_str()),
+                tables: tables.into_boxed_slice(),
                 subscriptions,
                 identity,
                 expires_at,
-                private,
+                rules,
                 access,
                 ack: request.ack,
                 presence_key: request.presence_key.filter(|key| !key.is_empty()).map(Box::from),
@@ -294,8 +327,8 @@ impl Core {
     pub async fn refresh_as(&mut self, topic_text: &str, claims: &Claims) -> Result<(), RefreshError> {
         let Some(channel) = self.channels.get(topic_text) else { return Ok(()) };
         let name = channel_name(topic_text);
-        let access = self.state.policy.channel_access(name, channel.private, claims);
-        if !access.admits(channel.bindings.is_some()) {
+        let access = channel.rules.access(&self.state.policy, name, claims);
+        if !access.admits(channel.bindings.is_some() || !channel.tables.is_empty()) {
             return Err(RefreshError::MayNotStay { role: claims.role.clone(), channel: name.to_string() });
         }
         let topic: Arc<str> = Arc::from(topic_text);
@@ -305,11 +338,17 @@ impl Core {
             Ok(bindings) => bindings.unwrap_or_default(),
             Err(e) => return Err(RefreshError::Binding(format!("internal error: bindings unreadable: {e}"))),
         };
-        let subscriptions =
+        let mut subscriptions =
             match subscribe::subscribe(&self.state, &self.handle, &topic, &bindings, claims, None).await {
                 Ok((subscriptions, _)) => subscriptions,
                 Err(reason) => return Err(RefreshError::Binding(reason)),
             };
+        match subscribe::subscribe_tables(&self.state, &self.handle, &topic, &channel.tables, claims, None)
+            .await
+        {
+            Ok(more) => subscriptions.extend(more),
+            Err(reason) => return Err(RefreshError::Binding(reason)),
+        }
         let Some(channel) = self.channels.get_mut(topic_text) else { return Ok(()) };
         self.state.index_remove(&channel.subscriptions);
         self.state.index_insert(&subscriptions);

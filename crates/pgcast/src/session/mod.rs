@@ -44,7 +44,7 @@ pub mod supervise;
 
 use crate::transport::{Incoming, Transport, TransportError};
 pub use error::{JoinError, RefreshError, SendError, TokenError, TokenSource};
-pub use join::JoinRequest;
+pub use join::{JoinRequest, Rules};
 
 /// Most frames taken from the queue for one flush (a larger transaction goes whole).
 const WRITE_BATCH: usize = 64;
@@ -75,11 +75,13 @@ pub struct JoinedChannel {
     /// The join's `postgres_changes` bindings, kept (as compact JSON, not as parsed maps: this
     /// stays in memory for every joined channel) to re-bind them when the token changes.
     bindings: Option<Box<str>>,
+    /// The `[[socketio.tables]]` bindings of a Socket.IO room or subscription, kept likewise.
+    tables: Box<[crate::rooms::TableBinding]>,
     subscriptions: Vec<Arc<Subscription>>,
     /// Who joined, for audit records and the expiry: not every claim (see `Identity`).
     identity: Identity,
     expires_at: Instant,
-    private: bool,
+    rules: Rules,
     access: ChannelAccess,
     /// `config.broadcast.ack`: broadcasts are acknowledged with a reply.
     ack: bool,

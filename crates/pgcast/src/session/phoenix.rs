@@ -8,7 +8,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{channel_name, JoinError, JoinRequest, JoinedChannel, Protocol, Session, MAX_TOPIC_BYTES};
+use super::{channel_name, JoinError, JoinRequest, JoinedChannel, Protocol, Rules, Session, MAX_TOPIC_BYTES};
 use crate::protocol::phoenix::{self, decode_binary_push, Frame};
 use crate::protocol::BroadcastPayload;
 use crate::transport::{Incoming, Transport, TransportError};
@@ -144,7 +144,8 @@ impl<T: Transport> Session<Phoenix, T> {
                 Some(Value::Array(items)) => Ok(items.clone()),
                 Some(_) => Err(JoinError::BindingsNotAnArray),
             },
-            private: flag("/config/private"),
+            tables: Vec::new(),
+            rules: if flag("/config/private") { Rules::Private } else { Rules::Public },
             resume: parse_resume(payload).map_err(JoinError::InvalidResume),
             broadcast_resume: parse_broadcast_resume(payload).map_err(JoinError::InvalidResume),
             receive_own: flag("/config/broadcast/self"),

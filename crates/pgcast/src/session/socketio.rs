@@ -11,12 +11,13 @@
 use serde_json::{json, Value};
 
 use super::{
-    channel_name, check_topic, JoinError, JoinRequest, JoinedChannel, Protocol, Session, TokenError,
+    channel_name, check_topic, JoinError, JoinRequest, JoinedChannel, Protocol, Rules, Session, TokenError,
 };
 use crate::audit::{Action, AuditEvent};
 use crate::auth::Claims;
 use crate::outbound::close_code;
 use crate::protocol::socketio::{connect_error, decode_sio, packet_message, SioKind, SioPacket};
+use crate::rooms::TableBinding;
 use crate::transport::{Incoming, Transport, TransportError};
 
 /// The Socket.IO protocol state of one connection.
@@ -267,6 +268,30 @@ impl<T: Transport> Session<SocketIo, T> {
                 self.refresh(&token, ack).await
             }
             other => {
+                let state = self.core.state.clone();
+                let routes = &state.config.socketio.tables;
+                if let Some((route, _)) = routes.subscription(other) {
+                    let answer = match routes.bind_subscribe(route, args.get(1)) {
+                        Ok(binding) => self.join_channel(other, vec![binding], Rules::RowsOnly).await,
+                        Err(reason) => Err(reason),
+                    };
+                    return match answer {
+                        Ok(()) => self.ack(ack, json!({ "ok": true })).await,
+                        Err(reason) => {
+                            self.ack(ack, json!({ "error": reason })).await?;
+                            self.emit("error", &json!(reason)).await
+                        }
+                    };
+                }
+                if let Some(subscribe) = routes.unsubscription(other) {
+                    let topic = format!("realtime:{}", subscribe.event);
+                    let event = subscribe.event.clone();
+                    let answer = match self.core.leave(&topic) {
+                        Some(_) => json!({ "ok": true }),
+                        None => json!({ "error": format!("not subscribed: emit {event} first") }),
+                    };
+                    return self.ack(ack, answer).await;
+                }
                 let reason = format!("unknown event {}", crate::text::clip(other, crate::text::NAME_CHARS));
                 self.ack(ack, json!({ "error": reason })).await?;
                 self.emit("error", &json!(reason)).await
@@ -274,21 +299,42 @@ impl<T: Transport> Session<SocketIo, T> {
         }
     }
 
-    /// Joins a room as a core channel; `Err` is the refusal as the client reads it.
+    /// Joins a room as a core channel, with the table changes `[[socketio.tables]]` routes to
+    /// it; `Err` is the refusal as the client reads it.
     async fn join_room(&mut self, room: &str) -> Result<(), String> {
+        let routes = &self.core.state.config.socketio.tables;
+        if routes.reserved(room) {
+            self.core.strike();
+            let shown = crate::text::clip(room, crate::text::NAME_CHARS);
+            return Err(format!("room {shown} is the name of a subscribe event: emit it instead of joining"));
+        }
+        let tables = routes.for_room(room);
+        // A room a channel rule could match is the rules'; any other is public.
+        let rules = if self.core.state.policy.governs(room) { Rules::Private } else { Rules::Public };
+        self.join_channel(room, tables, rules).await
+    }
+
+    /// Joins `name` (a room, or a subscribe event's channel) as the core channel
+    /// `realtime:<name>` receiving `tables`.
+    async fn join_channel(
+        &mut self,
+        room: &str,
+        tables: Vec<TableBinding>,
+        rules: Rules,
+    ) -> Result<(), String> {
         let topic = format!("realtime:{room}");
         if let Err(reason) = check_topic(&topic) {
             self.core.strike();
             return Err(reason);
         }
-        let private = self.core.state.policy.governs(room);
         let token = self.protocol.token.clone();
         let request = JoinRequest {
             topic: &topic,
             join_ref: None,
             access_token: token.as_deref(),
             bindings: Ok(Vec::new()),
-            private,
+            tables,
+            rules,
             resume: Ok(None),
             broadcast_resume: Ok(None),
             receive_own: false,

@@ -9,8 +9,10 @@ use serde_json::{json, Value};
 
 use crate::auth::{Claims, SERVICE_ROLE};
 use crate::log::Position;
+use crate::rooms::TableBinding;
 use crate::router::filter::{EventFilter, Filter};
 use crate::router::index::Subscription;
+use crate::router::policy::BoundPolicy;
 use crate::server::AppState;
 
 use crate::outbound::SessionHandle;
@@ -112,23 +114,8 @@ async fn parse_binding(
         Some(name) => state.policy.bind(&schema, name, claims)?,
         None => None,
     };
-    if let Some(identity) = policy.as_ref().and_then(|p| p.rls.as_ref()) {
-        let exists = state
-            .db
-            .client()
-            .await
-            .map_err(|e| format!("cannot check role {:?}: {e}", identity.role))?
-            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&identity.role])
-            .await
-            .map_err(|e| format!("cannot check role {:?}: {e}", identity.role))?
-            .is_some();
-        if !exists {
-            return Err(format!(
-                "table {schema}.{} uses row-level security, which needs a database role {:?}",
-                table.as_deref().unwrap_or(""),
-                identity.role
-            ));
-        }
+    if let (Some(policy), Some(name)) = (&policy, &table) {
+        check_rls_role(state, policy, &schema, name).await?;
     }
     if let (Some(policy), Some(filter)) = (&policy, &filter) {
         if !policy.can_filter_on(&filter.column) {
@@ -155,10 +142,103 @@ async fn parse_binding(
         schema,
         table,
         events,
-        filter,
+        filters: filter.into_iter().collect(),
         policy,
         min_position: None,
+        event: None,
     })
+}
+
+/// The database role a table in row-level security mode checks rows as must exist.
+async fn check_rls_role(
+    state: &AppState,
+    policy: &BoundPolicy,
+    schema: &str,
+    table: &str,
+) -> Result<(), String> {
+    let Some(identity) = policy.rls.as_ref() else { return Ok(()) };
+    let exists = state
+        .db
+        .client()
+        .await
+        .map_err(|e| format!("cannot check role {:?}: {e}", identity.role))?
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&identity.role])
+        .await
+        .map_err(|e| format!("cannot check role {:?}: {e}", identity.role))?
+        .is_some();
+    if !exists {
+        return Err(format!(
+            "table {schema}.{table} uses row-level security, which needs a database role {:?}",
+            identity.role
+        ));
+    }
+    Ok(())
+}
+
+/// Subscriptions for a Socket.IO room's or subscription's `[[socketio.tables]]` bindings,
+/// each bound to the member's row policy. A route whose table the member may not read, or
+/// whose equality can never match a row it may see, is skipped: rooms say who is interested,
+/// policies say who may see what. A table not published or a value of the wrong type refuses
+/// the join.
+pub async fn subscribe_tables(
+    state: &AppState,
+    handle: &Arc<SessionHandle>,
+    topic: &Arc<str>,
+    bindings: &[TableBinding],
+    claims: &Claims,
+    min_position: Option<Position>,
+) -> Result<Vec<Arc<Subscription>>, String> {
+    let mut subscriptions = Vec::with_capacity(bindings.len());
+    for binding in bindings {
+        let Some(route) = state.config.socketio.tables.get(binding.route) else {
+            return Err(format!("internal error: no socketio.tables route {}", binding.route));
+        };
+        let (schema, table) = (&route.schema, &route.table);
+        let published = state
+            .catalog
+            .published_table(schema, table)
+            .await
+            .map_err(|e| format!("cannot check table {schema}.{table}: {e}"))?
+            .ok_or_else(|| {
+                format!(
+                    "table {schema}.{table} (socketio.tables) is not in publication {:?}: add it with `pgcast tables add {schema}.{table}`",
+                    state.config.publication
+                )
+            })?;
+        let filters = binding
+            .equal
+            .iter()
+            .map(|(column, value)| Filter::equal(column, value, &published))
+            .collect::<Result<Box<[Filter]>, String>>()?;
+        let policy = match state.policy.bind(schema, table, claims) {
+            Ok(policy) => policy,
+            Err(reason) => {
+                tracing::debug!(session = handle.id, %topic, reason, "room route skipped by policy");
+                continue;
+            }
+        };
+        if let Some(policy) = &policy {
+            check_rls_role(state, policy, schema, table).await?;
+            if !filters.iter().all(|f| policy.can_filter_on(&f.column) && policy.can_match(f)) {
+                tracing::debug!(session = handle.id, %topic, "room route can match no row the member may see");
+                continue;
+            }
+        }
+        subscriptions.push(Arc::new(Subscription {
+            id: state.next_subscription_id(),
+            session: handle.clone(),
+            topic: topic.clone(),
+            binding_id: route.event.binding_id,
+            schema: schema.clone(),
+            table: Some(table.clone()),
+            events: EventFilter::All,
+            filters,
+            policy,
+            min_position,
+            event: Some(route.event.clone()),
+        }));
+    }
+    Ok(subscriptions)
 }
 
 /// A stable id for a binding's parameters, so identical bindings on different connections share
