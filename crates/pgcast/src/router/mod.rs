@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock};
 use axum::extract::ws::Message;
 use tokio::sync::mpsc;
 
-use crate::capture::{Change, ChangeKind, Progress, Transaction};
+use crate::capture::{Change, Progress, Transaction};
 use crate::log::{History, Position};
 use crate::outbound::{Frames, Outbound, SessionHandle};
 use crate::protocol;
@@ -277,15 +277,10 @@ impl Fanout {
                                     event_data.len() - 1
                                 }
                             };
-                            let kind = if matches!(view, View::LeftView(_)) {
-                                ChangeKind::Delete
-                            } else {
-                                change.kind
-                            };
                             protocol::table_event(
                                 sub.session.wire,
                                 &sub.topic,
-                                event.name(kind),
+                                event.name(view.kind(change)),
                                 &event_data[at].2,
                             )
                         }

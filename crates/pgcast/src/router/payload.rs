@@ -22,6 +22,15 @@ pub enum View<'a> {
 }
 
 impl View<'_> {
+    /// The operation a change is to this view: a row leaving it is a DELETE.
+    pub fn kind(&self, change: &Change) -> ChangeKind {
+        if matches!(self, View::LeftView(_)) {
+            ChangeKind::Delete
+        } else {
+            change.kind
+        }
+    }
+
     fn includes(&self, column: &Column) -> bool {
         match self {
             View::Full => true,
@@ -49,7 +58,7 @@ pub fn change_data(
 ) -> String {
     let relation = &change.relation;
     let left_view = matches!(view, View::LeftView(_));
-    let kind = if left_view { ChangeKind::Delete } else { change.kind };
+    let kind = view.kind(change);
     let mut out = String::with_capacity(256);
     out.push_str("{\"schema\":");
     write_string(&relation.schema, &mut out);
@@ -145,7 +154,7 @@ pub fn change_data(
 /// DELETE (and a row leaving the view) the old row PostgreSQL sent.
 pub fn event_data(change: &Change, view: View<'_>, key: &str) -> String {
     let relation = &change.relation;
-    let kind = if matches!(view, View::LeftView(_)) { ChangeKind::Delete } else { change.kind };
+    let kind = view.kind(change);
     let mut out = String::with_capacity(128);
     out.push_str("{\"operation\":\"");
     out.push_str(kind.as_str());

@@ -160,6 +160,12 @@ impl<T: Transport> Session<SocketIo, T> {
         self.send_packet(&packet).await
     }
 
+    /// A refused request: the `{error}` ack if one was asked for, and an `error` event.
+    async fn refuse(&mut self, ack: Option<u64>, reason: &str) -> Result<(), TransportError> {
+        self.ack(ack, json!({ "error": reason })).await?;
+        self.emit("error", &json!(reason)).await
+    }
+
     async fn packet(&mut self, packet: SioPacket) -> Result<(), TransportError> {
         if packet.nsp != "/" {
             if packet.kind == SioKind::Connect {
@@ -240,17 +246,13 @@ impl<T: Transport> Session<SocketIo, T> {
         match name.as_str() {
             "join" | "leave" | "access_token" if argument.is_none() => {
                 let reason = format!("{name} needs a string argument");
-                self.ack(ack, json!({ "error": reason })).await?;
-                self.emit("error", &json!(reason)).await
+                self.refuse(ack, &reason).await
             }
             "join" => {
                 let room = argument.unwrap_or_default().to_string();
                 match self.join_room(&room).await {
                     Ok(()) => self.ack(ack, json!({ "ok": true })).await,
-                    Err(reason) => {
-                        self.ack(ack, json!({ "error": reason })).await?;
-                        self.emit("error", &json!(reason)).await
-                    }
+                    Err(reason) => self.refuse(ack, &reason).await,
                 }
             }
             "leave" => {
@@ -277,10 +279,7 @@ impl<T: Transport> Session<SocketIo, T> {
                     };
                     return match answer {
                         Ok(()) => self.ack(ack, json!({ "ok": true })).await,
-                        Err(reason) => {
-                            self.ack(ack, json!({ "error": reason })).await?;
-                            self.emit("error", &json!(reason)).await
-                        }
+                        Err(reason) => self.refuse(ack, &reason).await,
                     };
                 }
                 if let Some(subscribe) = routes.unsubscription(other) {
@@ -293,8 +292,7 @@ impl<T: Transport> Session<SocketIo, T> {
                     return self.ack(ack, answer).await;
                 }
                 let reason = format!("unknown event {}", crate::text::clip(other, crate::text::NAME_CHARS));
-                self.ack(ack, json!({ "error": reason })).await?;
-                self.emit("error", &json!(reason)).await
+                self.refuse(ack, &reason).await
             }
         }
     }

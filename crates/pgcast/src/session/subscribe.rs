@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use crate::auth::{Claims, SERVICE_ROLE};
+use crate::capture::catalog::PublishedTable;
 use crate::log::Position;
 use crate::rooms::TableBinding;
 use crate::router::filter::{EventFilter, Filter};
@@ -75,16 +76,7 @@ async fn parse_binding(
     let catalog = &state.catalog;
     let filter = match &table {
         Some(name) => {
-            let published = catalog
-                .published_table(&schema, name)
-                .await
-                .map_err(|e| format!("cannot check table {schema}.{name}: {e}"))?
-                .ok_or_else(|| {
-                    format!(
-                        "table {schema}.{name} is not in publication {:?}: add it with `pgcast tables add {schema}.{name}`",
-                        state.config.publication
-                    )
-                })?;
+            let published = published_table(state, &schema, name).await?;
             filter_text.map(|f| Filter::parse(f, &published)).transpose()?
         }
         None => {
@@ -149,6 +141,21 @@ async fn parse_binding(
     })
 }
 
+/// The table's columns, or why it cannot be subscribed to.
+async fn published_table(state: &AppState, schema: &str, table: &str) -> Result<Arc<PublishedTable>, String> {
+    state
+        .catalog
+        .published_table(schema, table)
+        .await
+        .map_err(|e| format!("cannot check table {schema}.{table}: {e}"))?
+        .ok_or_else(|| {
+            format!(
+                "table {schema}.{table} is not in publication {:?}: add it with `pgcast tables add {schema}.{table}`",
+                state.config.publication
+            )
+        })
+}
+
 /// The database role a table in row-level security mode checks rows as must exist.
 async fn check_rls_role(
     state: &AppState,
@@ -194,17 +201,7 @@ pub async fn subscribe_tables(
             return Err(format!("internal error: no socketio.tables route {}", binding.route));
         };
         let (schema, table) = (&route.schema, &route.table);
-        let published = state
-            .catalog
-            .published_table(schema, table)
-            .await
-            .map_err(|e| format!("cannot check table {schema}.{table}: {e}"))?
-            .ok_or_else(|| {
-                format!(
-                    "table {schema}.{table} (socketio.tables) is not in publication {:?}: add it with `pgcast tables add {schema}.{table}`",
-                    state.config.publication
-                )
-            })?;
+        let published = published_table(state, schema, table).await?;
         let filters = binding
             .equal
             .iter()
