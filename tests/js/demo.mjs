@@ -1,8 +1,8 @@
 // Shared harness for the Node tests: starts `pgcast demo` (private PostgreSQL + server) on free
-// ports, and small helpers to sign tokens and wait with deadlines.
+// ports, and small helpers to sign tokens, wait with deadlines and cut connections (a proxy).
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
-import { createServer } from 'node:net';
+import net, { createServer } from 'node:net';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -28,7 +28,7 @@ export function freePort() {
 export async function waitFor(what, predicate) {
   const deadline = Date.now() + DEADLINE_MS;
   while (Date.now() < deadline) {
-    if (predicate()) return;
+    if (await predicate()) return;
     await new Promise((r) => setTimeout(r, 20));
   }
   throw new Error(`timed out waiting for ${what}`);
@@ -83,7 +83,7 @@ export async function startDemo({ policy, config } = {}) {
     writeFileSync(path, config);
     args.push('--config', path);
   }
-  const demo = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, PGCAST_LOG: 'warn' } });
+  const demo = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, PGCAST_LOG: process.env.PGCAST_LOG ?? 'warn' } });
   const info = await new Promise((res, rej) => {
     const timer = setTimeout(() => rej(new Error('pgcast demo did not start')), 60_000);
     let buffered = '';
@@ -115,4 +115,49 @@ export async function startDemo({ policy, config } = {}) {
     rmSync(dataDir, { recursive: true, force: true });
   };
   return { info, db, client, token, stop };
+}
+
+/** A TCP proxy to pgcast that can cut every connection through it, or refuse new ones. */
+export async function cuttingProxy(target) {
+  const { hostname, port } = new URL(target);
+  const pairs = new Set();
+  let refusing = false;
+  const server = net.createServer((client) => {
+    if (refusing) {
+      client.destroy();
+      return;
+    }
+    const upstream = net.connect(Number(port), hostname);
+    const pair = [client, upstream];
+    pairs.add(pair);
+    const end = () => {
+      pairs.delete(pair);
+      client.destroy();
+      upstream.destroy();
+    };
+    client.on('error', end).on('close', end);
+    upstream.on('error', end).on('close', end);
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  await new Promise((res) => server.listen(0, '127.0.0.1', res));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    /** Cuts every connection at once: what is in flight is lost. */
+    cut() {
+      const cut = pairs.size;
+      for (const [client, upstream] of [...pairs]) {
+        client.resetAndDestroy();
+        upstream.resetAndDestroy();
+      }
+      return cut;
+    },
+    refuse(on) {
+      refusing = on;
+    },
+    close() {
+      this.cut(); // keep-alive connections would hold server.close() open
+      return new Promise((res) => server.close(res));
+    },
+  };
 }

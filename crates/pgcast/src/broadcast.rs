@@ -14,7 +14,7 @@ use bytes::Bytes;
 
 use crate::outbound::{Frames, Outbound, SessionHandle};
 use crate::protocol::BroadcastPayload;
-use crate::protocol::{self, Body, PerWire};
+use crate::protocol::{self, Body, PerWire, Place};
 
 /// A member's standing on one topic.
 #[derive(Debug, Clone)]
@@ -209,7 +209,10 @@ impl Hub {
             .recent
             .iter()
             .filter(|r| r.seq > seq)
-            .filter_map(|r| protocol::broadcast(wire, topic, &r.event, r.payload.body(), r.seq, &self.epoch))
+            .filter_map(|r| {
+                let place = Place { seq: r.seq, epoch: &self.epoch, arrival: r.arrival };
+                protocol::broadcast(wire, topic, &r.event, r.payload.body(), place)
+            })
             .collect())
     }
 
@@ -298,7 +301,7 @@ impl Hub {
             let name = topics.map.get_key_value(topic).expect("made above").0.clone();
             topics.oldest.insert(arrival, name);
         }
-        let delivered = Self::deliver(topics, topic, sender, seq, &self.epoch);
+        let delivered = Self::deliver(topics, topic, sender, Place { seq, epoch: &self.epoch, arrival });
         self.evict_past_budget(topics, topic);
         metrics::counter!("pgcast_broadcasts_total").increment(1);
         metrics::counter!("pgcast_broadcast_deliveries_total").increment(delivered as u64);
@@ -306,7 +309,7 @@ impl Hub {
     }
 
     /// Queues `topic`'s newest broadcast for every reader, encoded once per wire format.
-    fn deliver(topics: &Topics, topic: &str, sender: Option<u64>, seq: u64, epoch: &str) -> usize {
+    fn deliver(topics: &Topics, topic: &str, sender: Option<u64>, place: Place<'_>) -> usize {
         let Some(state) = topics.map.get(topic) else { return 0 };
         let Some(recent) = state.recent.back() else { return 0 };
         let mut encoded = PerWire::default();
@@ -316,7 +319,7 @@ impl Hub {
                 continue;
             }
             let message = encoded.get_or_encode(member.session.wire, |wire| {
-                protocol::broadcast(wire, topic, &recent.event, recent.payload.body(), seq, epoch)
+                protocol::broadcast(wire, topic, &recent.event, recent.payload.body(), place)
             });
             // None: this member's format cannot carry the payload (binary to JSON-only).
             let Some(message) = message else { continue };

@@ -19,6 +19,8 @@ pub const DEFAULT_OUTBOUND_QUEUE: usize = 1024;
 /// Default `write_coalesce_ms`.
 pub const DEFAULT_WRITE_COALESCE_MS: u64 = 1;
 pub const DEFAULT_HEARTBEAT_TIMEOUT_SECS: u64 = 60;
+/// Default `sse_keepalive_secs`.
+pub const DEFAULT_SSE_KEEPALIVE_SECS: u64 = 15;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
 pub const DEFAULT_MAX_MESSAGES_PER_SECOND: u32 = 100;
 pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 100;
@@ -84,6 +86,7 @@ struct FileConfig {
     outbound_queue: Option<usize>,
     write_coalesce_ms: Option<u64>,
     heartbeat_timeout_secs: Option<u64>,
+    sse_keepalive_secs: Option<u64>,
     max_message_bytes: Option<usize>,
     max_messages_per_second: Option<u32>,
     max_channels_per_connection: Option<usize>,
@@ -108,6 +111,7 @@ struct FileSocketIo {
     path: Option<String>,
     ping_interval_ms: Option<u64>,
     ping_timeout_ms: Option<u64>,
+    recovery_max_disconnection_secs: Option<u64>,
     connect_rooms: Option<Vec<String>>,
     tables: Option<Vec<crate::rooms::FileTable>>,
 }
@@ -116,6 +120,8 @@ pub const DEFAULT_SOCKETIO_PATH: &str = "/socket.io/";
 /// Socket.IO's own defaults.
 pub const DEFAULT_SOCKETIO_PING_INTERVAL_MS: u64 = 25_000;
 pub const DEFAULT_SOCKETIO_PING_TIMEOUT_MS: u64 = 20_000;
+/// socket.io's `connectionStateRecovery.maxDisconnectionDuration` default: two minutes.
+pub const DEFAULT_SOCKETIO_RECOVERY_SECS: u64 = 120;
 
 /// The Socket.IO endpoint (`[socketio]` in the file).
 #[derive(Debug, Clone)]
@@ -125,6 +131,9 @@ pub struct SocketIoConfig {
     pub path: String,
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
+    /// How long a session whose transport was lost is kept for its client to recover
+    /// (`recovery_max_disconnection_secs`; zero: no recovery, no `pid`).
+    pub recovery_window: Duration,
     /// Rooms every connection joins when it connects, as templates over its token's claims
     /// (`user:{claims.sub}`); a template naming a claim the token lacks is skipped.
     pub connect_rooms: Vec<String>,
@@ -153,10 +162,18 @@ impl SocketIoConfig {
             millis("socketio.ping_interval_ms", file.ping_interval_ms, DEFAULT_SOCKETIO_PING_INTERVAL_MS)?;
         let ping_timeout =
             millis("socketio.ping_timeout_ms", file.ping_timeout_ms, DEFAULT_SOCKETIO_PING_TIMEOUT_MS)?;
+        let recovery_secs = file.recovery_max_disconnection_secs.unwrap_or(DEFAULT_SOCKETIO_RECOVERY_SECS);
+        if recovery_secs > 3600 {
+            return Err(ConfigError::Invalid {
+                key: "socketio.recovery_max_disconnection_secs",
+                message: "must be 0..=3600 seconds (0 turns recovery off)".into(),
+            });
+        }
         Ok(SocketIoConfig {
             path,
             ping_interval,
             ping_timeout,
+            recovery_window: Duration::from_secs(recovery_secs),
             connect_rooms: file.connect_rooms.unwrap_or_default(),
             tables: crate::rooms::TableRoutes::compile(file.tables.unwrap_or_default())
                 .map_err(|message| ConfigError::Invalid { key: "socketio.tables", message })?,
@@ -186,6 +203,9 @@ pub struct Config {
     pub write_coalesce: Duration,
     /// A client that sends nothing (not even a heartbeat) for this long is disconnected.
     pub heartbeat_timeout: Duration,
+    /// Server-Sent Events: a keep-alive comment this often (at most half the heartbeat
+    /// timeout, which an event stream's keep-alives stand in for).
+    pub sse_keepalive: Duration,
     /// Largest client frame accepted; larger frames close the connection with a reason.
     pub max_message_bytes: usize,
     /// Client frames per second per connection (burst of the same size); more are refused.
@@ -232,6 +252,7 @@ impl std::fmt::Debug for Config {
             .field("outbound_queue", &self.outbound_queue)
             .field("write_coalesce", &self.write_coalesce)
             .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .field("sse_keepalive", &self.sse_keepalive)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("max_messages_per_second", &self.max_messages_per_second)
             .field("max_channels_per_connection", &self.max_channels_per_connection)
@@ -331,6 +352,13 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "heartbeat_timeout_secs",
                 message: "must be between 5 and 3600 seconds".into(),
+            });
+        }
+        let sse_keepalive_secs = from_file.sse_keepalive_secs.unwrap_or(DEFAULT_SSE_KEEPALIVE_SECS);
+        if !(1..=300).contains(&sse_keepalive_secs) {
+            return Err(ConfigError::Invalid {
+                key: "sse_keepalive_secs",
+                message: format!("{sse_keepalive_secs} must be 1..=300 seconds"),
             });
         }
         let max_message_bytes = from_file.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
@@ -434,6 +462,8 @@ impl Config {
             outbound_queue,
             write_coalesce: Duration::from_millis(write_coalesce_ms),
             heartbeat_timeout: Duration::from_secs(heartbeat_secs),
+            sse_keepalive: Duration::from_secs(sse_keepalive_secs)
+                .min(Duration::from_secs(heartbeat_secs) / 2),
             max_message_bytes,
             max_messages_per_second,
             max_channels_per_connection,

@@ -25,9 +25,12 @@ use crate::protocol::BroadcastPayload;
 use crate::protocol::Wire;
 use crate::server::{update_gauges, AppState};
 use crate::session::phoenix::Phoenix;
+use crate::session::recovery::Recovery;
 use crate::session::socketio::SocketIo;
-use crate::session::{Core, Session, Unauthenticated};
+use crate::session::sse::Sse;
+use crate::session::{Core, JoinError, JoinRequest, Rules, Session, Unauthenticated};
 use crate::transport::engineio::{EngineConfig, Engines, Spawn};
+use crate::transport::sse::SseTransport;
 use crate::transport::WebSocketTransport;
 
 /// Bytes the WebSocket reader buffers per connection; tungstenite's default (128 KiB) would
@@ -50,6 +53,7 @@ pub fn routes(state: Arc<AppState>) -> Router {
         .route(&format!("{path}/"), socketio.clone())
         .route(if path.is_empty() { "/" } else { &path }, socketio)
         .route("/realtime/v1/websocket", get(websocket))
+        .route("/realtime/v1/sse", get(sse))
         .route("/realtime/v1/api/broadcast", post(broadcast))
         .route("/api/broadcast", post(broadcast))
         .route("/realtime/v1/api/broadcast/{topic}/events/{event}", post(broadcast_one))
@@ -69,6 +73,10 @@ fn socketio_engines(state: &Arc<AppState>) -> Arc<Engines> {
         read_buffer: WS_READ_BUFFER,
         write_buffer: WS_WRITE_BUFFER,
     };
+    let recovery = Arc::new(Recovery::new(state.config.socketio.recovery_window));
+    if recovery.enabled() {
+        tokio::spawn(sweep_parked(recovery.clone(), state.shutdown.clone()));
+    }
     let state = state.clone();
     let spawn: Spawn = Arc::new(move |transport, handshake| {
         if state.is_stopping() {
@@ -101,11 +109,26 @@ fn socketio_engines(state: &Arc<AppState>) -> Arc<Engines> {
         // A combinator, not an async block: a block would keep the captured parts and the
         // session's future side by side for the connection's life.
         use futures_util::FutureExt;
-        let session = Session::new(core, SocketIo::new(token), transport);
+        let session = Session::new(core, SocketIo::new(token, recovery.clone()), transport);
         tokio::spawn(crate::session::supervise::run(session).map(move |()| drop(guard)));
         Ok(())
     });
     Engines::new(config, spawn)
+}
+
+/// Ends parked Socket.IO sessions past the recovery window, once a second; all of them at
+/// shutdown.
+async fn sweep_parked(recovery: Arc<Recovery>, mut shutdown: crate::shutdown::Shutdown) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => recovery.sweep(),
+            _ = shutdown.wait() => {
+                recovery.clear();
+                return;
+            }
+        }
+    }
 }
 
 async fn websocket(
@@ -174,6 +197,111 @@ async fn websocket(
             .await;
             drop(guard);
         })
+}
+
+/// `GET /realtime/v1/sse?schema=&table=&event=&filter=`: one table's changes as Server-Sent
+/// Events, under the token's policies. The subscription is joined before the response starts,
+/// so a refusal is an HTTP status with a JSON `{error}`; `Last-Event-ID` (or `last_event_id=`)
+/// resumes after the change it names.
+async fn sse(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if state.is_stopping() {
+        return http_error(StatusCode::SERVICE_UNAVAILABLE, "server shutting down".into());
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(token) = bearer.or(params.get("apikey").map(String::as_str)) else {
+        let reason = "no token: send Authorization: Bearer <JWT> or the apikey query parameter";
+        return http_error(StatusCode::UNAUTHORIZED, reason.into());
+    };
+    let claims = match state.verifier.verify(token) {
+        Ok(claims) => claims,
+        Err(e) => {
+            metrics::counter!("pgcast_auth_failures_total").increment(1);
+            let reason = format!("invalid token: {e}");
+            state.audit.record(AuditEvent::new(Action::AuthFailure).peer(Some(peer)).detail(reason.clone()));
+            return http_error(StatusCode::UNAUTHORIZED, reason);
+        }
+    };
+    let Some(table) = params.get("table").filter(|t| !t.is_empty()) else {
+        return http_error(StatusCode::BAD_REQUEST, "table is required: ?table=<name>".into());
+    };
+    let schema = params.get("schema").map(String::as_str).unwrap_or("public");
+    let event = params.get("event").map(String::as_str).unwrap_or("*");
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .or(params.get("last_event_id").map(String::as_str))
+        .filter(|id| !id.is_empty());
+    let resume = match last_event_id.map(crate::protocol::sse::parse_event_id).transpose() {
+        Ok(resume) => resume,
+        Err(reason) => return http_error(StatusCode::BAD_REQUEST, reason),
+    };
+    let mut binding = json!({ "event": event, "schema": schema, "table": table });
+    if let Some(filter) = params.get("filter") {
+        binding["filter"] = json!(filter);
+    }
+    let mut core = Core::new(state.clone(), peer, Wire::Sse, Some(token.to_string()), None);
+    if let Err(error) = core.authenticated(&claims) {
+        return http_error(StatusCode::TOO_MANY_REQUESTS, error.to_string());
+    }
+    let topic = format!("realtime:sse:{schema}.{table}");
+    let request = JoinRequest {
+        topic: &topic,
+        join_ref: None,
+        access_token: None,
+        bindings: Ok(vec![binding]),
+        tables: Vec::new(),
+        rules: Rules::RowsOnly,
+        resume: Ok(resume),
+        broadcast_resume: Ok(None),
+        receive_own: false,
+        ack: false,
+        presence_enabled: false,
+        presence_key: None,
+    };
+    let joined = match core.join(request).await {
+        Ok(joined) => joined,
+        Err(error) => return http_error(sse_status(&error), error.to_string()),
+    };
+    let (transport, body) = SseTransport::new(state.config.sse_keepalive);
+    let protocol = Sse::new(joined, schema, table);
+    let guard = state.session_guard();
+    use futures_util::FutureExt;
+    tokio::spawn(
+        crate::session::supervise::run(Session::new(core, protocol, transport)).map(move |()| drop(guard)),
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        // Proxies that buffer responses (nginx) would hold events back.
+        .header("x-accel-buffering", "no")
+        // A page of another origin may open the stream (the token is in the request, not in a
+        // cookie), as it may open a WebSocket.
+        .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")
+        .body(body)
+        .unwrap_or_else(|_| http_error(StatusCode::INTERNAL_SERVER_ERROR, "response not built".into()))
+}
+
+/// The HTTP status of a refused event stream.
+fn sse_status(error: &JoinError) -> StatusCode {
+    match error {
+        JoinError::Token(_) => StatusCode::UNAUTHORIZED,
+        JoinError::TooManyConnections(_) | JoinError::TooManyChannels(_) => StatusCode::TOO_MANY_REQUESTS,
+        JoinError::PrivateChannelDenied { .. }
+        | JoinError::PublicChannelsDisabled
+        | JoinError::MayNotRead { .. } => StatusCode::FORBIDDEN,
+        // The policy's refusals name the role; the rest is the request's (an unknown table, a
+        // filter that cannot be read).
+        JoinError::Binding(reason) if reason.contains("role ") => StatusCode::FORBIDDEN,
+        _ => StatusCode::BAD_REQUEST,
+    }
 }
 
 /// Largest server-broadcast body (axum's default limit for a body read whole).

@@ -35,6 +35,9 @@ pub mod close_code {
     pub const TOO_MANY_CONNECTIONS: u16 = 4003;
     /// The connection's token expired (Socket.IO: one token for every room).
     pub const TOKEN_EXPIRED: u16 = 4004;
+    /// A recovering Socket.IO connection took this session over (its transport is dropped,
+    /// the session goes on there). Any later reason overrides it.
+    pub const REPLACED: u16 = 4005;
 }
 
 /// A message on its way to one or more connections: the bytes are shared, not copied.
@@ -144,17 +147,44 @@ impl SessionHandle {
         (code, reason)
     }
 
+    /// The code the session was asked to close with, if it was.
+    pub fn kick_code(&self) -> Option<u16> {
+        self.kick_reason
+            .lock()
+            .map(|r| r.as_ref().map(|(code, _)| *code))
+            .unwrap_or(Some(close_code::GOING_AWAY))
+    }
+
     pub fn is_kicked(&self) -> bool {
         self.kick_reason.lock().map(|r| r.is_some()).unwrap_or(true)
     }
 
-    /// Asks the session to close with `code` and `reason` (the first reason wins).
+    /// Asks the session to close with `code` and `reason` (the first reason wins, but for
+    /// `REPLACED`: a cut-off after it, such as an overflowing queue, still counts).
     pub fn kick(&self, code: u16, reason: String) {
         if let Ok(mut slot) = self.kick_reason.lock() {
-            if slot.is_none() {
+            let replaceable = slot.as_ref().is_none_or(|(code, _)| *code == close_code::REPLACED);
+            if replaceable {
+                let first = slot.is_none();
                 *slot = Some((code, reason));
-                self.kick.notify_one();
+                if first {
+                    self.kick.notify_one();
+                }
             }
+        }
+    }
+
+    /// Whether the session was only asked to move to another connection (`REPLACED`): then
+    /// the request is withdrawn and `true` returned, so the connection taking it over runs it.
+    pub fn take_over(&self) -> bool {
+        let Ok(mut slot) = self.kick_reason.lock() else { return false };
+        match &*slot {
+            Some((code, _)) if *code == close_code::REPLACED => {
+                *slot = None;
+                true
+            }
+            None => true,
+            Some(_) => false,
         }
     }
 

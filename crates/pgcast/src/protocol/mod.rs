@@ -9,9 +9,11 @@ use std::sync::Arc;
 use axum::extract::ws::Message;
 
 use crate::capture::ChangeKind;
+use crate::log::Position;
 
 pub mod phoenix;
 pub mod socketio;
+pub mod sse;
 
 /// The wire format of one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -23,16 +25,19 @@ pub enum Wire {
     /// Socket.IO v5 over Engine.IO v4, namespace `/`: a push is an event named for what it
     /// carries, its payload the first argument.
     SocketIo,
+    /// Server-Sent Events: a table's changes, each with its place as the event `id`.
+    Sse,
 }
 
 impl Wire {
-    const COUNT: usize = 3;
+    const COUNT: usize = 4;
 
     fn slot(self) -> usize {
         match self {
             Wire::PhoenixV1 => 0,
             Wire::PhoenixV2 => 1,
             Wire::SocketIo => 2,
+            Wire::Sse => 3,
         }
     }
 
@@ -41,6 +46,7 @@ impl Wire {
         match self {
             Wire::PhoenixV1 | Wire::PhoenixV2 => "phoenix",
             Wire::SocketIo => "socketio",
+            Wire::Sse => "sse",
         }
     }
 
@@ -49,7 +55,7 @@ impl Wire {
     pub fn vsn(self) -> phoenix::Vsn {
         match self {
             Wire::PhoenixV1 => phoenix::Vsn::V1,
-            Wire::PhoenixV2 | Wire::SocketIo => phoenix::Vsn::V2,
+            Wire::PhoenixV2 | Wire::SocketIo | Wire::Sse => phoenix::Vsn::V2,
         }
     }
 }
@@ -94,9 +100,10 @@ pub enum Body<'a> {
 }
 
 /// A `postgres_changes` message: `data` (serialized once per change and shape) for the
-/// bindings `ids` of a channel `topic`.
-pub fn change(wire: Wire, topic: &str, ids: &[u32], data: &str) -> Message {
+/// bindings `ids` of a channel `topic`, the change at `position` of `epoch`.
+pub fn change(wire: Wire, topic: &str, ids: &[u32], data: &str, position: Position, epoch: &str) -> Message {
     match wire {
+        Wire::Sse => sse::change(data, position, epoch),
         Wire::PhoenixV1 | Wire::PhoenixV2 => phoenix::change(wire.vsn(), topic, ids, data),
         Wire::SocketIo => {
             let mut payload = String::from("{\"ids\":");
@@ -135,10 +142,21 @@ impl TableEvent {
     }
 }
 
-/// A table change as the event `name` with `data` (`payload::event_data`) as its argument.
-pub fn table_event(wire: Wire, topic: &str, name: &str, data: &str) -> Message {
+/// A table change as the event `name` with `data` (`payload::event_data`) as its argument, and
+/// (Socket.IO) its recovery offset: the change's position and the route, unique among what one
+/// connection receives.
+pub fn table_event(
+    wire: Wire,
+    topic: &str,
+    name: &str,
+    data: &str,
+    position: Position,
+    route: u32,
+) -> Message {
     match wire {
-        Wire::SocketIo => socketio::event_message(name, data),
+        // Only the Socket.IO adapter makes such subscriptions.
+        Wire::Sse => sse::named(name, data, None),
+        Wire::SocketIo => socketio::recoverable_event(name, data, format_args!("c{position}.{route:x}")),
         // Only the Socket.IO adapter makes such subscriptions; a Phoenix member would get the
         // event as a push on its channel.
         Wire::PhoenixV1 | Wire::PhoenixV2 => match serde_json::from_str::<serde_json::Value>(data) {
@@ -148,24 +166,28 @@ pub fn table_event(wire: Wire, topic: &str, name: &str, data: &str) -> Message {
     }
 }
 
-/// A broadcast `event` on `topic` with its place (`seq`, `epoch`); `None` when this wire
-/// cannot carry `body`.
-pub fn broadcast(
-    wire: Wire,
-    topic: &str,
-    event: &str,
-    body: Body<'_>,
-    seq: u64,
-    epoch: &str,
-) -> Option<Message> {
+/// A broadcast's place: its sequence on the topic, the hub's epoch, and its arrival number over
+/// all topics (Socket.IO's recovery offset: unique among what one connection receives).
+#[derive(Debug, Clone, Copy)]
+pub struct Place<'a> {
+    pub seq: u64,
+    pub epoch: &'a str,
+    pub arrival: u64,
+}
+
+/// A broadcast `event` on `topic` at `place`; `None` when this wire cannot carry `body`.
+pub fn broadcast(wire: Wire, topic: &str, event: &str, body: Body<'_>, place: Place<'_>) -> Option<Message> {
+    let Place { seq, epoch, arrival } = place;
     match wire {
         Wire::PhoenixV1 | Wire::PhoenixV2 => phoenix::broadcast(wire.vsn(), topic, event, body, seq, epoch),
         // The room's members get the event with the payload as its argument.
         Wire::SocketIo => match body {
-            Body::Json(json) => Some(socketio::event_message(event, json)),
+            Body::Json(json) => Some(socketio::recoverable_event(event, json, format_args!("b{arrival:x}"))),
             // One frame per message: a binary attachment would need two.
             Body::Binary(_) => None,
         },
+        // An event stream carries a table's changes only.
+        Wire::Sse => None,
     }
 }
 
@@ -176,5 +198,6 @@ pub fn push(wire: Wire, topic: &str, event: &str, payload: &serde_json::Value) -
             Message::Text(phoenix::encode(wire.vsn(), None, None, topic, event, payload).into())
         }
         Wire::SocketIo => socketio::event_message(event, &payload.to_string()),
+        Wire::Sse => sse::named(event, &payload.to_string(), None),
     }
 }

@@ -119,6 +119,34 @@ pub fn event_message(event: &str, argument_json: &str) -> axum::extract::ws::Mes
     axum::extract::ws::Message::Text(text.into())
 }
 
+/// An event that can be recovered (`42[<event>,<argument>,"<offset>"]`): socket.io-client keeps
+/// the last argument of every event as its offset when recovery is on, and hands it back on
+/// reconnecting. Offsets are ASCII letters, digits and `.`.
+pub fn recoverable_event(
+    event: &str,
+    argument_json: &str,
+    offset: impl std::fmt::Display,
+) -> axum::extract::ws::Message {
+    use std::fmt::Write;
+    let mut text = String::with_capacity(40 + event.len() + argument_json.len());
+    text.push_str("42[");
+    crate::json::write_string(event, &mut text);
+    text.push(',');
+    text.push_str(argument_json);
+    // Writing to a String cannot fail.
+    let _ = write!(text, ",\"{offset}\"]");
+    axum::extract::ws::Message::Text(text.into())
+}
+
+/// The offset a [`recoverable_event`] frame ends with; `None` for any other frame.
+pub fn offset_of(message: &axum::extract::ws::Message) -> Option<&str> {
+    let axum::extract::ws::Message::Text(text) = message else { return None };
+    let body = text.as_str().strip_prefix("42[")?.strip_suffix("\"]")?;
+    let start = body.rfind(",\"")? + 2;
+    let offset = &body[start..];
+    (!offset.is_empty() && offset.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')).then_some(offset)
+}
+
 /// A Socket.IO packet as one Engine.IO message frame (`4` + the packet; attachments, if any,
 /// follow as binary frames).
 pub fn packet_message(packet: &SioPacket) -> axum::extract::ws::Message {

@@ -262,7 +262,8 @@ impl Fanout {
                             let data = data.get_or_insert_with(|| {
                                 payload::change_data(tx, change, view, position, epoch)
                             });
-                            protocol::change(sub.session.wire, &sub.topic, &ids[recipient.1.clone()], data)
+                            let ids = &ids[recipient.1.clone()];
+                            protocol::change(sub.session.wire, &sub.topic, ids, data, position, epoch)
                         }
                         Some(event) => {
                             let route = event.binding_id;
@@ -282,6 +283,8 @@ impl Fanout {
                                 &sub.topic,
                                 event.name(view.kind(change)),
                                 &event_data[at].2,
+                                position,
+                                route,
                             )
                         }
                     };

@@ -38,13 +38,15 @@ pub mod error;
 mod join;
 mod messages;
 pub mod phoenix;
+pub mod recovery;
 pub mod socketio;
+pub mod sse;
 mod subscribe;
 pub mod supervise;
 
 use crate::transport::{Incoming, Transport, TransportError};
 pub use error::{JoinError, RefreshError, SendError, TokenError, TokenSource};
-pub use join::{JoinRequest, Rules};
+pub use join::{JoinRequest, Joined, Rules};
 
 /// Most frames taken from the queue for one flush (a larger transaction goes whole).
 const WRITE_BATCH: usize = 64;
@@ -332,6 +334,23 @@ pub trait Protocol: Send + Sized {
     ) -> impl Future<Output = ()> + Send {
         async {}
     }
+
+    /// What the protocol writes before anything queued (an event stream's opening).
+    fn start<T: Transport>(
+        _session: &mut Session<Self, T>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// A queued message was taken to be written to the transport (Socket.IO keeps recent
+    /// events for recovery).
+    fn outgoing(&mut self, _message: &axum::extract::ws::Message) {}
+
+    /// The transport is lost while the client may come back: the protocol may keep the core
+    /// (Socket.IO parks it for recovery) and return `None`, or hand it back to be released.
+    fn park(&mut self, core: Core) -> Option<Core> {
+        Some(core)
+    }
 }
 
 /// Why the session loop ended: how to close the connection, if at all.
@@ -341,6 +360,22 @@ enum Ending {
     /// The client closed; the transport may still owe it a reply.
     ClosedByClient,
     Gone,
+    /// The protocol gave the session another core (a recovered Socket.IO session): the loop
+    /// goes on with that core's queue.
+    Adopted,
+}
+
+impl Ending {
+    /// Whether the client lost its transport rather than leaving or being cut off: it may
+    /// come back for what it missed.
+    fn lost_transport(&self) -> bool {
+        matches!(
+            self,
+            Ending::Gone
+                | Ending::ClosedByClient
+                | Ending::Close(close_code::HEARTBEAT_TIMEOUT | close_code::REPLACED, _)
+        )
+    }
 }
 
 /// A connection: the core, driven by a protocol adapter over a transport.
@@ -365,17 +400,43 @@ impl<P: Protocol, T: Transport> Session<P, T> {
         // The kick and shutdown are watched here, outside `serve`: a client that stopped reading
         // leaves `serve` blocked in a socket write, and must still be cut off. Watched once, they
         // are registered once, not again on every message the loop writes.
-        let handle = self.core.handle.clone();
-        let mut shutdown = self.core.state.shutdown.clone();
-        let ending = tokio::select! {
-            biased;
-            _ = handle.kick_requested() => {
-                let (code, reason) = handle.kicked();
-                Ending::Close(code, reason)
+        // Boxed, like the other protocol hooks: its state would otherwise sit in every task.
+        let started = Box::pin(P::start(&mut self)).await;
+        let ending = loop {
+            if started.is_err() {
+                break Ending::Gone;
             }
-            _ = shutdown.wait() => Ending::Close(close_code::GOING_AWAY, "server shutting down".into()),
-            ending = self.serve() => ending,
+            let handle = self.core.handle.clone();
+            let mut shutdown = self.core.state.shutdown.clone();
+            let serve = self.serve();
+            tokio::pin!(serve);
+            let ending = loop {
+                tokio::select! {
+                    biased;
+                    _ = handle.kick_requested() => {
+                        // A take-over withdrawn when this connection recovered the session
+                        // (`SessionHandle::take_over`): not a request to close.
+                        if !handle.is_kicked() {
+                            continue;
+                        }
+                        let (code, reason) = handle.kicked();
+                        break Ending::Close(code, reason);
+                    }
+                    _ = shutdown.wait() => break Ending::Close(close_code::GOING_AWAY, "server shutting down".into()),
+                    ending = &mut serve => break ending,
+                }
+            };
+            if !matches!(ending, Ending::Adopted) {
+                break ending;
+            }
         };
+        if ending.lost_transport() {
+            let Session { core, mut protocol, transport } = self;
+            match protocol.park(core) {
+                None => return,
+                Some(core) => self = Session { core, protocol, transport },
+            }
+        }
         // Released before the close frame, so other members see this one leave at once; `Drop`
         // releases again (a no-op then) for a session that ends by panicking.
         self.core.release();
@@ -391,7 +452,7 @@ impl<P: Protocol, T: Transport> Session<P, T> {
                 self.transport.close(*code, reason).await;
             }
             Ending::ClosedByClient => self.transport.closed_by_client().await,
-            Ending::Gone => {}
+            Ending::Gone | Ending::Adopted => {}
         }
         tracing::info!(session = self.core.handle.id, "client disconnected");
     }
@@ -419,6 +480,10 @@ impl<P: Protocol, T: Transport> Session<P, T> {
             tokio::select! {
                 biased;
                 _ = handle.queue().pop_many(&mut batch, WRITE_BATCH) => {
+                    // Recorded as soon as taken from the queue: if the transport fails, or this
+                    // future is dropped (a take-over) before they are written, a recovering
+                    // client still gets them.
+                    self.taken(&batch);
                     // A connection keeping up with a steady stream (a dashboard taking every
                     // change) gets its messages one at a time; if it wrote within the window it
                     // waits out the rest of it, so what arrives meanwhile shares this write: a
@@ -430,7 +495,9 @@ impl<P: Protocol, T: Transport> Session<P, T> {
                         if let Some(hold) = last_write.map(|at| at + coalesce).filter(|h| *h > Instant::now()) {
                             // Boxed: only held connections carry a timer, not every idle task.
                             Box::pin(tokio::time::sleep_until(hold)).await;
+                            let held = batch.len();
                             handle.queue().take(&mut batch, WRITE_BATCH - 1);
+                            self.taken(&batch[held..]);
                         }
                     }
                     if self.write_batch(&mut batch).await.is_err() {
@@ -469,6 +536,9 @@ impl<P: Protocol, T: Transport> Session<P, T> {
                         let (code, reason) = handle.kicked();
                         return Ending::Close(code, reason);
                     }
+                    if !Arc::ptr_eq(&handle, &self.core.handle) {
+                        return Ending::Adopted;
+                    }
                 }
                 _ = &mut timer => {
                     if self.core.unauthenticated.as_ref().is_some_and(|u| Instant::now() >= u.deadline) {
@@ -488,6 +558,16 @@ impl<P: Protocol, T: Transport> Session<P, T> {
                         return Ending::Gone;
                     }
                 }
+            }
+        }
+    }
+
+    /// Messages taken from the queue to be written: the protocol may keep them (recovery).
+    fn taken(&mut self, batch: &[Outbound]) {
+        for entry in batch {
+            match &entry.frames {
+                Frames::One(message) => self.protocol.outgoing(message),
+                Frames::Run(run) => run.iter().for_each(|message| self.protocol.outgoing(message)),
             }
         }
     }

@@ -7,16 +7,27 @@
 //! Socket.IO members of room `T` and Phoenix members of channel `T` alike. A room a channel rule
 //! of the policy file could match is decided by those rules (as a private channel); any other
 //! room is public. The byte layouts are `protocol::socketio`'s.
+//!
+//! Connection state recovery (`recovery.rs`): the CONNECT reply carries a `pid`; a session
+//! whose transport is lost is parked under it, and a CONNECT bringing it back with its last
+//! `offset` resumes that session — the events it missed first, then the reply.
 
+use std::sync::Arc;
+
+use axum::extract::ws::Message;
 use serde_json::{json, Value};
 
+use super::recovery::{Parked, Recovery, Sent, START};
 use super::{
-    channel_name, check_topic, JoinError, JoinRequest, JoinedChannel, Protocol, Rules, Session, TokenError,
+    channel_name, check_topic, Core, JoinError, JoinRequest, JoinedChannel, Protocol, Rules, Session,
+    TokenError,
 };
 use crate::audit::{Action, AuditEvent};
 use crate::auth::Claims;
 use crate::outbound::close_code;
-use crate::protocol::socketio::{connect_error, decode_sio, packet_message, SioKind, SioPacket};
+use crate::protocol::socketio::{
+    connect_error, decode_sio, packet_message, recoverable_event, SioKind, SioPacket,
+};
 use crate::rooms::TableBinding;
 use crate::transport::{Incoming, Transport, TransportError};
 
@@ -28,12 +39,48 @@ pub struct SocketIo {
     connected: bool,
     /// A binary packet waiting for its attachments, and how many have come.
     partial: Option<Box<(SioPacket, usize)>>,
+    recovery: Arc<Recovery>,
+    /// The session's ids once connected.
+    ids: Option<Box<Ids>>,
+    /// The last events written, for recovery (made by the first).
+    sent: Option<Box<Sent>>,
+}
+
+/// A connected session's ids: `sid` (the client's `socket.id`) and `pid`, the private id it
+/// recovers the session with (empty when recovery is off).
+struct Ids {
+    sid: Box<str>,
+    pid: Box<str>,
+}
+
+impl Drop for SocketIo {
+    /// A session that did not park is no longer under its `pid`.
+    fn drop(&mut self) {
+        if let Some(ids) = &self.ids {
+            if !ids.pid.is_empty() {
+                self.recovery.forget(&ids.pid);
+            }
+        }
+    }
 }
 
 impl SocketIo {
     /// `handshake_token`: the token the Engine.IO handshake carried, if any.
-    pub fn new(handshake_token: Option<String>) -> SocketIo {
-        SocketIo { token: handshake_token.map(String::into_boxed_str), connected: false, partial: None }
+    pub fn new(handshake_token: Option<String>, recovery: Arc<Recovery>) -> SocketIo {
+        SocketIo {
+            token: handshake_token.map(String::into_boxed_str),
+            connected: false,
+            partial: None,
+            recovery,
+            ids: None,
+            sent: None,
+        }
+    }
+
+    /// The offset an event that is not itself recoverable carries: the last one written, so
+    /// the client's idea of where it is stays true.
+    fn last_offset(&self) -> &str {
+        self.sent.as_deref().map_or(START, Sent::last_offset)
     }
 }
 
@@ -134,6 +181,25 @@ impl Protocol for SocketIo {
             let _ = session.send_packet(&SioPacket::new(SioKind::Disconnect, "/", None)).await;
         }
     }
+
+    fn outgoing(&mut self, message: &Message) {
+        if self.connected && self.recovery.enabled() {
+            self.sent.get_or_insert_default().record(message, self.recovery.window());
+        }
+    }
+
+    fn park(&mut self, core: Core) -> Option<Core> {
+        // Cut off for a reason of the server's: nothing to come back to (a session taken over
+        // by a recovering connection parks for it).
+        let cut_off = core.handle.kick_code().is_some_and(|code| code != close_code::REPLACED);
+        if !self.connected || !self.recovery.enabled() || cut_off {
+            return Some(core);
+        }
+        let Some(ids) = self.ids.take() else { return Some(core) };
+        let Ids { sid, pid } = *ids;
+        self.recovery.park(pid, Parked::new(core, sid, self.sent.take(), self.token.take()));
+        None
+    }
 }
 
 impl<T: Transport> Session<SocketIo, T> {
@@ -148,8 +214,15 @@ impl<T: Transport> Session<SocketIo, T> {
         self.transport.send(packet_message(packet)).await
     }
 
+    /// Emits an event of the server's own (`error`): with the last offset when recovery is on,
+    /// since the client takes any string last argument for one.
     async fn emit(&mut self, event: &str, argument: &Value) -> Result<(), TransportError> {
-        let message = crate::protocol::socketio::event_message(event, &argument.to_string());
+        let argument = argument.to_string();
+        let message = if self.protocol.recovery.enabled() && self.protocol.connected {
+            recoverable_event(event, &argument, self.protocol.last_offset())
+        } else {
+            crate::protocol::socketio::event_message(event, &argument)
+        };
         self.transport.send(message).await
     }
 
@@ -204,7 +277,8 @@ impl<T: Transport> Session<SocketIo, T> {
             self.protocol_error("CONNECT on a namespace already connected");
             return Ok(());
         }
-        let given = auth.as_ref().and_then(|a| a.get("token")).and_then(Value::as_str);
+        let field = |name: &str| auth.as_ref().and_then(|a| a.get(name)).and_then(Value::as_str);
+        let given = field("token");
         let token = given.map(Box::from).or_else(|| self.protocol.token.clone());
         let claims = match self.core.verify_token(token.as_deref()) {
             Ok(claims) => claims,
@@ -217,6 +291,11 @@ impl<T: Transport> Session<SocketIo, T> {
                 return self.send_packet(&refusal).await;
             }
         };
+        if let (Some(pid), true) = (field("pid"), self.protocol.recovery.enabled()) {
+            if self.restore(pid, field("offset"), &claims, token.clone()).await? {
+                return Ok(());
+            }
+        }
         if let Err(error) = self.core.authenticated(&claims) {
             let reason = error.to_string();
             let refusal = connect_error("/", &reason);
@@ -228,8 +307,14 @@ impl<T: Transport> Session<SocketIo, T> {
         }
         self.protocol.token = token;
         self.protocol.connected = true;
-        let sid = crate::random::hex_id();
-        self.send_packet(&SioPacket::new(SioKind::Connect, "/", Some(json!({ "sid": sid })))).await?;
+        let sid: Box<str> = crate::random::hex_id().into();
+        let pid: Box<str> =
+            if self.protocol.recovery.enabled() { crate::random::hex_id().into() } else { "".into() };
+        self.send_packet(&connect_reply(&sid, &pid)).await?;
+        if !pid.is_empty() {
+            self.protocol.recovery.connected(&pid, &self.core.handle);
+        }
+        self.protocol.ids = Some(Box::new(Ids { sid, pid }));
         let rooms: Vec<String> =
             self.core.state.config.socketio.connect_rooms.iter().filter_map(|t| expand(t, &claims)).collect();
         for room in rooms {
@@ -238,6 +323,78 @@ impl<T: Transport> Session<SocketIo, T> {
             }
         }
         Ok(())
+    }
+
+    /// A CONNECT bringing back the `pid` of a parked session: if it is there, not cut off
+    /// while parked, of the same user, and holds `offset`, this connection takes its core
+    /// over — the events after `offset` and those queued meanwhile first, then the CONNECT
+    /// reply with the same ids. `false`: the client gets a fresh session instead.
+    async fn restore(
+        &mut self,
+        pid: &str,
+        offset: Option<&str>,
+        claims: &Claims,
+        token: Option<Box<str>>,
+    ) -> Result<bool, TransportError> {
+        let fresh = |reason: &str| {
+            tracing::info!(session = self.core.id(), reason, "Socket.IO session not recovered");
+            metrics::counter!("pgcast_socketio_recoveries_total", "result" => "fresh").increment(1);
+            Ok(false)
+        };
+        let Some(mut parked) = self.protocol.recovery.take(pid).await else {
+            return fresh("no session parked under that pid (never, expired, or another server)");
+        };
+        if !parked.core.handle.take_over() {
+            return fresh("cut off while parked (its queue overflowed)");
+        }
+        if parked.core.counted_user.as_deref() != claims.sub.as_deref() {
+            return fresh("the token is another user's");
+        }
+        let missed = match parked.sent.as_deref() {
+            Some(sent) => sent.after(offset),
+            None => (offset.unwrap_or(START) == START).then(Vec::new),
+        };
+        let Some(missed) = missed else {
+            return fresh("the offset is older than the events held");
+        };
+        // This connection goes on as the parked session; its own fresh core is released.
+        std::mem::swap(&mut self.core, &mut parked.core);
+        self.core.peer = parked.core.peer;
+        let Parked { core: unused, sid, sent, token: parked_token, .. } = parked;
+        drop(unused);
+        self.protocol.sent = sent;
+        self.protocol.connected = true;
+        let replayed = missed.len();
+        for message in missed {
+            self.transport.feed(message).await?;
+        }
+        let mut queued = Vec::new();
+        self.core.handle.queue().take(&mut queued, usize::MAX);
+        for entry in queued {
+            let messages: Vec<Message> = match entry.frames {
+                crate::outbound::Frames::One(message) => vec![message],
+                crate::outbound::Frames::Run(run) => run.iter().cloned().collect(),
+            };
+            for message in messages {
+                self.protocol.outgoing(&message);
+                self.transport.feed(message).await?;
+            }
+        }
+        self.transport.flush().await?;
+        self.send_packet(&connect_reply(&sid, pid)).await?;
+        self.protocol.recovery.connected(pid, &self.core.handle);
+        self.protocol.ids = Some(Box::new(Ids { sid, pid: pid.into() }));
+        metrics::counter!("pgcast_socketio_recoveries_total", "result" => "recovered").increment(1);
+        self.core
+            .audit(AuditEvent::new(Action::Connect).claims(Some(claims)).detail("recovered".to_string()));
+        tracing::info!(session = self.core.id(), replayed, "Socket.IO session recovered");
+        let changed = token != parked_token;
+        self.protocol.token = token;
+        if changed {
+            // A new token: the rooms go on under its claims.
+            self.rebind(claims).await?;
+        }
+        Ok(true)
     }
 
     async fn event(&mut self, args: Vec<Value>, ack: Option<u64>) -> Result<(), TransportError> {
@@ -363,17 +520,30 @@ impl<T: Transport> Session<SocketIo, T> {
                 return self.ack(ack, json!({ "error": reason })).await;
             }
         };
+        self.rebind(&claims).await?;
+        self.protocol.token = Some(token.into());
+        self.ack(ack, json!({ "ok": true })).await
+    }
+
+    /// Every room goes on under `claims`; those they may not stay in are left, each with an
+    /// `error` event.
+    async fn rebind(&mut self, claims: &Claims) -> Result<(), TransportError> {
         let topics: Vec<String> = self.core.channels.keys().cloned().collect();
         for topic in topics {
-            if let Err(error) = self.core.refresh_as(&topic, &claims).await {
+            if let Err(error) = self.core.refresh_as(&topic, claims).await {
                 self.core.leave(&topic);
                 let reason = format!("left room {}: {error}", channel_name(&topic));
                 self.emit("error", &json!(reason)).await?;
             }
         }
-        self.protocol.token = Some(token.into());
-        self.ack(ack, json!({ "ok": true })).await
+        Ok(())
     }
+}
+
+/// The CONNECT reply: `{sid}`, and `pid` when recovery is on.
+fn connect_reply(sid: &str, pid: &str) -> SioPacket {
+    let data = if pid.is_empty() { json!({ "sid": sid }) } else { json!({ "sid": sid, "pid": pid }) };
+    SioPacket::new(SioKind::Connect, "/", Some(data))
 }
 
 /// A room template over the claims (`user:{claims.sub}`); `None` when a claim it names is

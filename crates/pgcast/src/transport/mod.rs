@@ -1,6 +1,7 @@
 //! A session's transport: frames in, frames out, and how the connection is closed. A plain
-//! WebSocket (`websocket`, the Supabase endpoint's) and Engine.IO's (`engineio`: HTTP
-//! long-polling upgraded to a WebSocket, for Socket.IO).
+//! WebSocket (`websocket`, the Supabase endpoint's), Engine.IO's (`engineio`: HTTP
+//! long-polling upgraded to a WebSocket, for Socket.IO) and a Server-Sent Events response
+//! body (`sse`: out only).
 //!
 //! Bytes only: what a frame means is the protocol adapter's business, and what is sent when is
 //! the session's. A transport error means the connection is gone; its detail is only logged.
@@ -12,6 +13,7 @@ use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
 
 pub mod engineio;
+pub mod sse;
 pub mod websocket;
 
 pub use websocket::WebSocketTransport;

@@ -1,0 +1,266 @@
+//! Socket.IO connection state recovery (socket.io 4.6's `connectionStateRecovery`): a connected
+//! session whose transport is lost is *parked* — its core keeps its rooms, subscriptions and
+//! outbound queue, so changes and broadcasts keep arriving for it — for the recovery window.
+//! A client that comes back within it with the `pid` and the last `offset` it read gets what it
+//! missed, in order, before the CONNECT reply, and its rooms as they were.
+//!
+//! What was written but lost in flight is served from [`Sent`]: the last events written to the
+//! connection, shared bytes (the same copy every recipient got), at most `SENT_MAX` of them
+//! and none older than the window. An offset that is not there (older, or from another
+//! process) cannot be served exactly, so the client gets a fresh session (`recovered` false)
+//! instead: never a silent gap.
+//!
+//! A client that comes back while the server still thinks its old transport alive (a cut
+//! long-poll is only noticed at the ping timeout) takes that session over: the old transport
+//! is dropped (`close_code::REPLACED`), the session parks, and the new connection recovers it.
+//!
+//! Not here: the wire (`protocol::socketio`: offsets on events), the decisions of the CONNECT
+//! packet (`socketio.rs`). In memory, one process: a restarted server recovers nobody.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use axum::extract::ws::Message;
+use tokio::time::Instant;
+
+use super::Core;
+use crate::outbound::{close_code, SessionHandle};
+use crate::protocol::socketio::offset_of;
+
+/// How long a recovering connection waits for the session it takes over to park.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
+
+/// Most events kept per connection for recovery.
+pub const SENT_MAX: usize = 1024;
+
+/// The offset of a connection that has received no event yet.
+pub const START: &str = "0";
+
+/// The last events written to one connection, oldest first.
+#[derive(Default)]
+pub struct Sent {
+    events: VecDeque<(Instant, Message)>,
+    /// Whether an event was dropped from the front: a client that read nothing cannot be
+    /// served then.
+    trimmed: bool,
+}
+
+impl Sent {
+    /// Records an event written; other frames (replies, errors) are not recovered.
+    pub fn record(&mut self, message: &Message, window: Duration) {
+        if offset_of(message).is_none() {
+            return;
+        }
+        let now = Instant::now();
+        self.events.push_back((now, message.clone()));
+        // The newest stays: it is the offset an `error` event repeats.
+        while self.events.len() > 1
+            && (self.events.len() > SENT_MAX
+                || self.events.front().is_some_and(|(at, _)| now.duration_since(*at) > window))
+        {
+            self.events.pop_front();
+            self.trimmed = true;
+        }
+    }
+
+    /// The offset of the newest event written, [`START`] before any.
+    pub fn last_offset(&self) -> &str {
+        self.events.back().and_then(|(_, m)| offset_of(m)).unwrap_or(START)
+    }
+
+    /// The events written after `offset`, or `None` when that cannot be told exactly.
+    pub fn after(&self, offset: Option<&str>) -> Option<Vec<Message>> {
+        let offset = offset.unwrap_or(START);
+        if offset == START {
+            return (!self.trimmed).then(|| self.events.iter().map(|(_, m)| m.clone()).collect());
+        }
+        let at = self.events.iter().rposition(|(_, m)| offset_of(m) == Some(offset))?;
+        Some(self.events.iter().skip(at + 1).map(|(_, m)| m.clone()).collect())
+    }
+}
+
+/// A parked session: its core (still a member of its rooms, still queueing), what was written
+/// to it, and who it is.
+pub struct Parked {
+    pub core: Core,
+    pub sid: Box<str>,
+    pub sent: Option<Box<Sent>>,
+    pub token: Option<Box<str>>,
+    at: Instant,
+}
+
+impl Parked {
+    pub fn new(core: Core, sid: Box<str>, sent: Option<Box<Sent>>, token: Option<Box<str>>) -> Parked {
+        Parked { core, sid, sent, token, at: Instant::now() }
+    }
+}
+
+/// A `pid`'s session: connected, or parked.
+enum Slot {
+    Live(Weak<SessionHandle>),
+    Parked(Box<Parked>),
+}
+
+/// The Socket.IO endpoint's sessions by `pid`: the connected ones (to take over) and the
+/// parked ones.
+pub struct Recovery {
+    window: Duration,
+    slots: Mutex<HashMap<Box<str>, Slot>>,
+}
+
+impl Recovery {
+    /// `window`: how long a session stays parked (`socketio.recovery_max_disconnection_secs`);
+    /// zero turns recovery off.
+    pub fn new(window: Duration) -> Recovery {
+        Recovery { window, slots: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn enabled(&self) -> bool {
+        !self.window.is_zero()
+    }
+
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// A session connected under `pid`.
+    pub fn connected(&self, pid: &str, handle: &Arc<SessionHandle>) {
+        self.lock().insert(pid.into(), Slot::Live(Arc::downgrade(handle)));
+    }
+
+    /// The session connected under `pid` ended for good.
+    pub fn forget(&self, pid: &str) {
+        let mut slots = self.lock();
+        if matches!(slots.get(pid), Some(Slot::Live(_))) {
+            slots.remove(pid);
+        }
+    }
+
+    pub fn park(&self, pid: Box<str>, parked: Parked) {
+        tracing::info!(session = parked.core.id(), "Socket.IO session parked for recovery");
+        let replaced = self.lock().insert(pid, Slot::Parked(Box::new(parked)));
+        metrics::gauge!("pgcast_socketio_parked_sessions").increment(1.0);
+        drop(replaced);
+    }
+
+    /// Takes the session parked as `pid`, unless it is gone or past the window. A session
+    /// still connected under `pid` is taken over: its transport is dropped and, once it has
+    /// parked (within `TAKEOVER_WAIT`), it is taken.
+    pub async fn take(&self, pid: &str) -> Option<Parked> {
+        let deadline = Instant::now() + TAKEOVER_WAIT;
+        loop {
+            let slot = {
+                let mut slots = self.lock();
+                match slots.get(pid) {
+                    Some(Slot::Parked(_)) => slots.remove(pid),
+                    Some(Slot::Live(handle)) => match handle.upgrade() {
+                        Some(handle) => {
+                            handle.kick(close_code::REPLACED, "replaced by a recovering connection".into());
+                            None
+                        }
+                        None => slots.remove(pid),
+                    },
+                    None => return None,
+                }
+            };
+            match slot {
+                Some(Slot::Parked(parked)) => {
+                    metrics::gauge!("pgcast_socketio_parked_sessions").decrement(1.0);
+                    return (parked.at.elapsed() <= self.window).then_some(*parked);
+                }
+                Some(Slot::Live(_)) => return None,
+                None if Instant::now() >= deadline => return None,
+                None => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    /// Ends the sessions parked longer than the window (their cores release what they hold
+    /// when dropped, outside the lock).
+    pub fn sweep(&self) {
+        let expired: Vec<Slot> = {
+            let mut slots = self.lock();
+            let gone: Vec<Box<str>> = slots
+                .iter()
+                .filter(|(_, slot)| matches!(slot, Slot::Parked(p) if p.at.elapsed() > self.window))
+                .map(|(pid, _)| pid.clone())
+                .collect();
+            gone.iter().filter_map(|pid| slots.remove(pid)).collect()
+        };
+        for slot in &expired {
+            if let Slot::Parked(parked) = slot {
+                tracing::info!(session = parked.core.id(), "parked Socket.IO session expired");
+            }
+        }
+        metrics::gauge!("pgcast_socketio_parked_sessions").decrement(expired.len() as f64);
+        drop(expired);
+    }
+
+    /// Sessions parked now.
+    pub fn parked(&self) -> usize {
+        self.lock().values().filter(|slot| matches!(slot, Slot::Parked(_))).count()
+    }
+
+    /// Ends every parked session (server shutdown).
+    pub fn clear(&self) {
+        let all: Vec<Slot> = self.lock().drain().map(|(_, slot)| slot).collect();
+        drop(all);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Slot>> {
+        self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::socketio::recoverable_event;
+
+    fn event(offset: &str) -> Message {
+        recoverable_event("e", "{}", offset)
+    }
+
+    fn offsets(messages: &[Message]) -> Vec<&str> {
+        messages.iter().filter_map(offset_of).collect()
+    }
+
+    #[test]
+    fn the_events_after_an_offset_are_served_and_an_unknown_offset_is_not() {
+        let window = Duration::from_secs(60);
+        let mut sent = Sent::default();
+        assert_eq!(sent.last_offset(), START);
+        assert_eq!(sent.after(None).map(|m| m.len()), Some(0));
+        for offset in ["a1", "a2", "a3"] {
+            sent.record(&event(offset), window);
+        }
+        sent.record(&Message::Text("42[\"e\",{\"a\":1}]".into()), window);
+        assert_eq!(sent.last_offset(), "a3", "an event without an offset is not recorded");
+        assert_eq!(offsets(&sent.after(Some("a1")).unwrap()), ["a2", "a3"]);
+        assert_eq!(offsets(&sent.after(Some("a3")).unwrap()), Vec::<&str>::new());
+        assert_eq!(offsets(&sent.after(None).unwrap()), ["a1", "a2", "a3"]);
+        assert!(sent.after(Some("zz")).is_none());
+    }
+
+    #[test]
+    fn past_its_bound_the_oldest_go_and_a_client_that_read_nothing_is_not_served() {
+        let mut sent = Sent::default();
+        for i in 0..SENT_MAX + 5 {
+            sent.record(&event(&format!("o{i}")), Duration::from_secs(60));
+        }
+        assert!(sent.after(Some("o0")).is_none(), "dropped from the front");
+        assert!(sent.after(None).is_none(), "from the start is no longer exact");
+        let last = format!("o{}", SENT_MAX + 3);
+        assert_eq!(offsets(&sent.after(Some(&last)).unwrap()).len(), 1);
+    }
+
+    #[test]
+    fn offsets_are_read_only_from_frames_that_end_with_one() {
+        assert_eq!(offset_of(&event("0000000001A2B3C4.00000003.1f")), Some("0000000001A2B3C4.00000003.1f"));
+        assert_eq!(offset_of(&Message::Text("42[\"e\",\"text with spaces\"]".into())), None);
+        assert_eq!(offset_of(&Message::Text("42[\"e\",{\"x\":\"y\"}]".into())), None);
+        assert_eq!(offset_of(&Message::Text("43[\"a1\"]".into())), None);
+        assert_eq!(offset_of(&Message::Binary(vec![1, 2].into())), None);
+    }
+}
