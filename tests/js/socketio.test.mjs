@@ -74,6 +74,8 @@ test('a token in auth.token, an Authorization header or ?token= connects; none o
   const [bad] = await once(forged, 'connect_error');
   assert.equal(bad.message, 'invalid token: token signature is invalid');
   forged.disconnect();
+  const refusals = await (await fetch(`${demo.info.http}/metrics`)).text();
+  assert.match(refusals, /^pgcast_auth_failures_total\{protocol="socketio"\} [1-9]/m, 'refusals counted by protocol');
 
   const expired = connect({ auth: { token: demo.token({ role: 'authenticated', exp: 1 }) } });
   const [old] = await once(expired, 'connect_error');
@@ -96,6 +98,8 @@ test('rooms: joined at connect from claims, by join (acked), left by leave; one 
     { topic: 'nurses', event: 'ward:updated', payload: { n: 2 } },
   ]);
   await waitFor('both connect-room events', () => got.length === 2);
+  const sent = await (await fetch(`${demo.info.http}/metrics`)).text();
+  assert.match(sent, /^pgcast_messages_sent_total\{protocol="socketio"\} [1-9]/m, 'messages counted by protocol');
   assert.deepEqual(got, [
     { event: 'inbox:updated', args: [{ n: 1 }] },
     { event: 'ward:updated', args: [{ n: 2 }] },

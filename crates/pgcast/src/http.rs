@@ -152,7 +152,7 @@ async fn websocket(
         Some(key) => match state.verifier.verify(key) {
             Ok(claims) => (Some(claims.identity()), None),
             Err(e) => {
-                metrics::counter!("pgcast_auth_failures_total").increment(1);
+                metrics::counter!("pgcast_auth_failures_total", "protocol" => "phoenix").increment(1);
                 let reason = format!("invalid apikey: {e}");
                 state
                     .audit
@@ -223,7 +223,7 @@ async fn sse(
     let claims = match state.verifier.verify(token) {
         Ok(claims) => claims,
         Err(e) => {
-            metrics::counter!("pgcast_auth_failures_total").increment(1);
+            metrics::counter!("pgcast_auth_failures_total", "protocol" => "sse").increment(1);
             let reason = format!("invalid token: {e}");
             state.audit.record(AuditEvent::new(Action::AuthFailure).peer(Some(peer)).detail(reason.clone()));
             return http_error(StatusCode::UNAUTHORIZED, reason);

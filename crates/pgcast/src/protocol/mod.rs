@@ -30,9 +30,11 @@ pub enum Wire {
 }
 
 impl Wire {
-    const COUNT: usize = 4;
+    pub const COUNT: usize = 4;
+    pub const ALL: [Wire; Wire::COUNT] = [Wire::PhoenixV1, Wire::PhoenixV2, Wire::SocketIo, Wire::Sse];
 
-    fn slot(self) -> usize {
+    /// Its place in per-wire tables (`PerWire`, meters).
+    pub fn slot(self) -> usize {
         match self {
             Wire::PhoenixV1 => 0,
             Wire::PhoenixV2 => 1,

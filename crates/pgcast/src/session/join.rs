@@ -97,7 +97,8 @@ impl Core {
         let topic_text = request.topic;
         // Before anything about the join is logged or audited: the topic is the client's text.
         if let Err(reason) = check_topic(topic_text) {
-            metrics::counter!("pgcast_joins_refused_total").increment(1);
+            metrics::counter!("pgcast_joins_refused_total", "protocol" => self.handle.wire.protocol())
+                .increment(1);
             // Audited as a bounded prefix (`AuditEvent::channel`), like every client field.
             self.audit(AuditEvent::new(Action::JoinRefused).channel(topic_text).detail(reason.clone()));
             self.strike();
@@ -113,7 +114,8 @@ impl Core {
                 claims
             }
             Err(error) => {
-                metrics::counter!("pgcast_auth_failures_total").increment(1);
+                metrics::counter!("pgcast_auth_failures_total", "protocol" => self.handle.wire.protocol())
+                    .increment(1);
                 let reason = error.to_string();
                 self.audit(AuditEvent::new(Action::AuthFailure).channel(topic_text).detail(reason));
                 return Err(error.into());
@@ -274,7 +276,8 @@ impl Core {
 
     /// Counts and audits a refused join (with the claims it was decided on).
     fn refused(&self, topic: &str, claims: &Claims, error: JoinError) -> JoinError {
-        metrics::counter!("pgcast_joins_refused_total").increment(1);
+        metrics::counter!("pgcast_joins_refused_total", "protocol" => self.handle.wire.protocol())
+            .increment(1);
         self.audit(
             AuditEvent::new(Action::JoinRefused)
                 .claims(Some(claims))
@@ -313,7 +316,8 @@ impl Core {
         let claims = match self.state.verifier.verify(token) {
             Ok(claims) => claims,
             Err(error) => {
-                metrics::counter!("pgcast_auth_failures_total").increment(1);
+                metrics::counter!("pgcast_auth_failures_total", "protocol" => self.handle.wire.protocol())
+                    .increment(1);
                 let error = TokenError::Invalid { token: TokenSource::AccessToken, error };
                 let reason = error.to_string();
                 self.audit(AuditEvent::new(Action::AuthFailure).channel(topic_text).detail(reason));

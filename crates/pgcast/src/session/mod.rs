@@ -61,12 +61,15 @@ struct WriteMeters {
     commit_to_send: metrics::Histogram,
 }
 
-fn write_meters() -> &'static WriteMeters {
-    static METERS: std::sync::OnceLock<WriteMeters> = std::sync::OnceLock::new();
-    METERS.get_or_init(|| WriteMeters {
-        sent: metrics::counter!("pgcast_messages_sent_total"),
-        commit_to_send: metrics::histogram!("pgcast_commit_to_send_seconds"),
-    })
+fn write_meters(wire: Wire) -> &'static WriteMeters {
+    static METERS: std::sync::OnceLock<[WriteMeters; Wire::COUNT]> = std::sync::OnceLock::new();
+    let meters = METERS.get_or_init(|| {
+        Wire::ALL.map(|wire| WriteMeters {
+            sent: metrics::counter!("pgcast_messages_sent_total", "protocol" => wire.protocol()),
+            commit_to_send: metrics::histogram!("pgcast_commit_to_send_seconds"),
+        })
+    });
+    &meters[wire.slot()]
 }
 
 /// A channel (a Phoenix channel, a Socket.IO room) this connection has joined.
@@ -587,7 +590,7 @@ impl<P: Protocol, T: Transport> Session<P, T> {
             }
         }
         self.transport.flush().await?;
-        let meters = write_meters();
+        let meters = write_meters(self.core.handle.wire);
         meters.sent.increment(count as u64);
         if oldest > 0 {
             let now = crate::clock::now_micros();

@@ -283,7 +283,7 @@ impl<T: Transport> Session<SocketIo, T> {
         let claims = match self.core.verify_token(token.as_deref()) {
             Ok(claims) => claims,
             Err(error) => {
-                metrics::counter!("pgcast_auth_failures_total").increment(1);
+                metrics::counter!("pgcast_auth_failures_total", "protocol" => "socketio").increment(1);
                 let reason = token_problem(&error);
                 self.core.audit(AuditEvent::new(Action::AuthFailure).detail(reason.clone()));
                 tracing::info!(session = self.core.id(), reason = %reason, "connect refused");
@@ -514,7 +514,7 @@ impl<T: Transport> Session<SocketIo, T> {
         let claims = match self.core.verify_token(Some(token)) {
             Ok(claims) => claims,
             Err(error) => {
-                metrics::counter!("pgcast_auth_failures_total").increment(1);
+                metrics::counter!("pgcast_auth_failures_total", "protocol" => "socketio").increment(1);
                 let reason = token_problem(&error);
                 self.core.audit(AuditEvent::new(Action::AuthFailure).detail(reason.clone()));
                 return self.ack(ack, json!({ "error": reason })).await;
