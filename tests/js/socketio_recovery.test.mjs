@@ -165,3 +165,39 @@ test("an error event repeats the last offset: the client's place survives it", a
   socket.disconnect();
   await proxy.close();
 });
+
+async function binaryBroadcast(topic, event, bytes) {
+  const response = await fetch(`${demo.info.http}/realtime/v1/api/broadcast/${topic}/events/${event}`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/octet-stream', Authorization: `Bearer ${demo.info.service_token}` },
+    body: bytes,
+  });
+  assert.equal(response.status, 202);
+}
+
+for (const transports of [['websocket'], ['polling']]) {
+  test(`binary broadcasts reach a room as an attachment (${transports}), and are recovered with it`, async () => {
+    const proxy = await cuttingProxy(demo.info.http);
+    const { socket, connects, trail } = recoveringClient(proxy.url, { role: 'admin', sub: `bin-${transports}`, tenant_id: 1 }, transports);
+    const files = [];
+    const shown = (data) => (Buffer.isBuffer(data) || data instanceof ArrayBuffer ? Buffer.from(data).toString('hex') : JSON.stringify(data));
+    socket.on('file', (data, offset) => files.push([shown(data), typeof offset]));
+    await once(socket, 'connect');
+    const room = `user:bin-${transports}`; // joined at connect (connect_rooms)
+    await binaryBroadcast(room, 'file', new Uint8Array([0, 1, 2, 255]));
+    await waitFor('the first file', () => files.length === 1);
+    assert.deepEqual(files[0], ['000102ff', 'string'], 'the bytes, then the offset');
+
+    proxy.cut();
+    await binaryBroadcast(room, 'file', new Uint8Array([7, 7]));
+    await broadcast(room, 'file', { not: 'binary' });
+    await waitFor('the reconnect', () => connects.length === 2).catch((e) => {
+      throw new Error(`${e.message}: ${trail}`);
+    });
+    await waitFor('what was sent while cut', () => files.length === 3);
+    assert.equal(connects[1], true);
+    assert.deepEqual(files.slice(1).map(([data]) => data), ['0707', '{"not":"binary"}']);
+    socket.disconnect();
+    await proxy.close();
+  });
+}

@@ -213,6 +213,10 @@ impl Hub {
                 let place = Place { seq: r.seq, epoch: &self.epoch, arrival: r.arrival };
                 protocol::broadcast(wire, topic, &r.event, r.payload.body(), place)
             })
+            .flat_map(|frames| match frames {
+                Frames::One(message) => vec![message],
+                Frames::Run(run) => run.to_vec(),
+            })
             .collect())
     }
 
@@ -312,18 +316,18 @@ impl Hub {
     fn deliver(topics: &Topics, topic: &str, sender: Option<u64>, place: Place<'_>) -> usize {
         let Some(state) = topics.map.get(topic) else { return 0 };
         let Some(recent) = state.recent.back() else { return 0 };
-        let mut encoded = PerWire::default();
+        let mut encoded: PerWire<Frames> = PerWire::default();
         let mut delivered = 0;
         for member in state.members.values() {
             if !member.can_read || (Some(member.session.id) == sender && !member.receive_own) {
                 continue;
             }
-            let message = encoded.get_or_encode(member.session.wire, |wire| {
+            let frames = encoded.get_or_encode(member.session.wire, |wire| {
                 protocol::broadcast(wire, topic, &recent.event, recent.payload.body(), place)
             });
             // None: this member's format cannot carry the payload (binary to JSON-only).
-            let Some(message) = message else { continue };
-            if member.session.deliver(Outbound { frames: Frames::One(message), commit_time_micros: 0 }) {
+            let Some(frames) = frames else { continue };
+            if member.session.deliver(Outbound { frames, commit_time_micros: 0 }) {
                 delivered += 1;
             }
         }

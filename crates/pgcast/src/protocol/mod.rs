@@ -10,6 +10,7 @@ use axum::extract::ws::Message;
 
 use crate::capture::ChangeKind;
 use crate::log::Position;
+use crate::outbound::Frames;
 
 pub mod phoenix;
 pub mod socketio;
@@ -71,17 +72,18 @@ impl From<phoenix::Vsn> for Wire {
     }
 }
 
-/// One message per wire format, encoded when a member of that format first needs it; `None`
-/// when the format cannot carry it (a binary payload to a JSON-only format).
-#[derive(Default)]
-pub struct PerWire([Option<Option<Message>>; Wire::COUNT]);
+/// One message (or run of frames) per wire format, encoded when a member of that format first
+/// needs it; `None` when the format cannot carry it (a binary payload to a JSON-only format).
+pub struct PerWire<T = Message>([Option<Option<T>>; Wire::COUNT]);
 
-impl PerWire {
-    pub fn get_or_encode(
-        &mut self,
-        wire: Wire,
-        encode: impl FnOnce(Wire) -> Option<Message>,
-    ) -> Option<Message> {
+impl<T> Default for PerWire<T> {
+    fn default() -> Self {
+        PerWire([None, None, None, None])
+    }
+}
+
+impl<T: Clone> PerWire<T> {
+    pub fn get_or_encode(&mut self, wire: Wire, encode: impl FnOnce(Wire) -> Option<T>) -> Option<T> {
         self.0[wire.slot()].get_or_insert_with(|| encode(wire)).clone()
     }
 }
@@ -177,16 +179,24 @@ pub struct Place<'a> {
     pub arrival: u64,
 }
 
-/// A broadcast `event` on `topic` at `place`; `None` when this wire cannot carry `body`.
-pub fn broadcast(wire: Wire, topic: &str, event: &str, body: Body<'_>, place: Place<'_>) -> Option<Message> {
+/// A broadcast `event` on `topic` at `place`, as the frames one queue entry writes; `None` when
+/// this wire cannot carry `body`.
+pub fn broadcast(wire: Wire, topic: &str, event: &str, body: Body<'_>, place: Place<'_>) -> Option<Frames> {
     let Place { seq, epoch, arrival } = place;
     match wire {
-        Wire::PhoenixV1 | Wire::PhoenixV2 => phoenix::broadcast(wire.vsn(), topic, event, body, seq, epoch),
-        // The room's members get the event with the payload as its argument.
+        Wire::PhoenixV1 | Wire::PhoenixV2 => {
+            phoenix::broadcast(wire.vsn(), topic, event, body, seq, epoch).map(Frames::One)
+        }
+        // The room's members get the event with the payload as its argument: bytes as a binary
+        // attachment (socket.io-client hands the handler an ArrayBuffer).
         Wire::SocketIo => match body {
-            Body::Json(json) => Some(socketio::recoverable_event(event, json, format_args!("b{arrival:x}"))),
-            // One frame per message: a binary attachment would need two.
-            Body::Binary(_) => None,
+            Body::Json(json) => {
+                Some(Frames::One(socketio::recoverable_event(event, json, format_args!("b{arrival:x}"))))
+            }
+            Body::Binary(bytes) => {
+                let [text, attachment] = socketio::binary_event(event, bytes, format_args!("b{arrival:x}"));
+                Some(Frames::Run(Arc::from([text, attachment])))
+            }
         },
         // An event stream carries a table's changes only.
         Wire::Sse => None,

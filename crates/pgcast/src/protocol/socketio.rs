@@ -138,10 +138,30 @@ pub fn recoverable_event(
     axum::extract::ws::Message::Text(text.into())
 }
 
-/// The offset a [`recoverable_event`] frame ends with; `None` for any other frame.
+/// A recoverable event whose argument is bytes: the `BINARY_EVENT` packet with a placeholder
+/// (`451-[<event>,{"_placeholder":true,"num":0},"<offset>"]`) and the attachment frame.
+pub fn binary_event(
+    event: &str,
+    bytes: &[u8],
+    offset: impl std::fmt::Display,
+) -> [axum::extract::ws::Message; 2] {
+    use std::fmt::Write;
+    let mut text = String::with_capacity(64 + event.len());
+    text.push_str("451-[");
+    crate::json::write_string(event, &mut text);
+    let _ = write!(text, ",{{\"_placeholder\":true,\"num\":0}},\"{offset}\"]");
+    [
+        axum::extract::ws::Message::Text(text.into()),
+        axum::extract::ws::Message::Binary(bytes::Bytes::copy_from_slice(bytes)),
+    ]
+}
+
+/// The offset a [`recoverable_event`] or [`binary_event`] frame ends with; `None` for any other
+/// frame.
 pub fn offset_of(message: &axum::extract::ws::Message) -> Option<&str> {
     let axum::extract::ws::Message::Text(text) = message else { return None };
-    let body = text.as_str().strip_prefix("42[")?.strip_suffix("\"]")?;
+    let text = text.as_str();
+    let body = text.strip_prefix("42[").or_else(|| text.strip_prefix("451-["))?.strip_suffix("\"]")?;
     let start = body.rfind(",\"")? + 2;
     let offset = &body[start..];
     (!offset.is_empty() && offset.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')).then_some(offset)

@@ -37,46 +37,60 @@ pub const SENT_MAX: usize = 1024;
 /// The offset of a connection that has received no event yet.
 pub const START: &str = "0";
 
-/// The last events written to one connection, oldest first.
+/// The last events written to one connection, oldest first; a binary event is followed by
+/// its attachment.
 #[derive(Default)]
 pub struct Sent {
     events: VecDeque<(Instant, Message)>,
     /// Whether an event was dropped from the front: a client that read nothing cannot be
     /// served then.
     trimmed: bool,
+    /// The last event recorded was a binary one whose attachment comes next.
+    attachment_due: bool,
 }
 
 impl Sent {
-    /// Records an event written; other frames (replies, errors) are not recovered.
+    /// Records an event written, and a binary event's attachment; other frames (replies,
+    /// errors) are not recovered.
     pub fn record(&mut self, message: &Message, window: Duration) {
-        if offset_of(message).is_none() {
+        let attachment = matches!(message, Message::Binary(_)) && self.attachment_due;
+        let event = offset_of(message).is_some();
+        if !event && !attachment {
             return;
         }
+        self.attachment_due = event && matches!(message, Message::Text(t) if t.as_str().starts_with("451-"));
         let now = Instant::now();
         self.events.push_back((now, message.clone()));
-        // The newest stays: it is the offset an `error` event repeats.
-        while self.events.len() > 1
+        // The newest event stays: it is the offset an `error` event repeats.
+        while self.events.iter().filter(|(_, m)| offset_of(m).is_some()).nth(1).is_some()
             && (self.events.len() > SENT_MAX
                 || self.events.front().is_some_and(|(at, _)| now.duration_since(*at) > window))
         {
             self.events.pop_front();
+            // An attachment goes with its event.
+            while self.events.front().is_some_and(|(_, m)| matches!(m, Message::Binary(_))) {
+                self.events.pop_front();
+            }
             self.trimmed = true;
         }
     }
 
     /// The offset of the newest event written, [`START`] before any.
     pub fn last_offset(&self) -> &str {
-        self.events.back().and_then(|(_, m)| offset_of(m)).unwrap_or(START)
+        self.events.iter().rev().find_map(|(_, m)| offset_of(m)).unwrap_or(START)
     }
 
-    /// The events written after `offset`, or `None` when that cannot be told exactly.
+    /// The events written after `offset` (with their attachments), or `None` when that cannot
+    /// be told exactly.
     pub fn after(&self, offset: Option<&str>) -> Option<Vec<Message>> {
         let offset = offset.unwrap_or(START);
         if offset == START {
             return (!self.trimmed).then(|| self.events.iter().map(|(_, m)| m.clone()).collect());
         }
         let at = self.events.iter().rposition(|(_, m)| offset_of(m) == Some(offset))?;
-        Some(self.events.iter().skip(at + 1).map(|(_, m)| m.clone()).collect())
+        // The attachment of the event at `offset` was read with it.
+        let rest = self.events.iter().skip(at + 1).skip_while(|(_, m)| matches!(m, Message::Binary(_)));
+        Some(rest.map(|(_, m)| m.clone()).collect())
     }
 }
 
@@ -253,6 +267,23 @@ mod tests {
         assert!(sent.after(None).is_none(), "from the start is no longer exact");
         let last = format!("o{}", SENT_MAX + 3);
         assert_eq!(offsets(&sent.after(Some(&last)).unwrap()).len(), 1);
+    }
+
+    #[test]
+    fn a_binary_event_is_kept_and_served_with_its_attachment() {
+        let window = Duration::from_secs(60);
+        let mut sent = Sent::default();
+        let [text, attachment] = crate::protocol::socketio::binary_event("file", &[1, 2, 3], "b1");
+        sent.record(&event("b0"), window);
+        sent.record(&text, window);
+        sent.record(&attachment, window);
+        sent.record(&Message::Binary(vec![9].into()), window);
+        sent.record(&event("b2"), window);
+        assert_eq!(sent.last_offset(), "b2");
+        let after_b0 = sent.after(Some("b0")).unwrap();
+        assert_eq!(after_b0.len(), 3, "the binary event, its attachment (not the stray bytes), b2");
+        assert_eq!(after_b0[1], attachment);
+        assert_eq!(offsets(&sent.after(Some("b1")).unwrap()), ["b2"], "b1's attachment was read with it");
     }
 
     #[test]
