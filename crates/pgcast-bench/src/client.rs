@@ -9,6 +9,11 @@
 //! Control frames (replies, `system`, `phx_error`, `phx_close`) are parsed as JSON.
 //!
 //! This is not a realtime-js replacement: no reconnect, no resume, one channel per connection.
+//!
+//! With [`Protocol::SocketIo`] the client speaks Socket.IO v5 over an Engine.IO v4 WebSocket
+//! instead (what `socket.io-client` with `transports: ['websocket']` sends): CONNECT, one room
+//! joined with `join` (or the bench table's `subscribe:bench` filter), pongs to the server's
+//! pings; a delivery is found the same way.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -36,6 +41,30 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Distinct problem texts kept per process (the rest are counted under "other").
 const MAX_PROBLEM_KINDS: usize = 50;
+
+/// The protocol the clients speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// Supabase Realtime (Phoenix channels, vsn 2.0.0).
+    #[default]
+    Phoenix,
+    /// Socket.IO v5 over an Engine.IO v4 WebSocket.
+    Socketio,
+}
+
+/// The spawned server's config for Socket.IO clients: the bench table's changes as the event
+/// `bench` to room `bench_rows` (table-wide) and to the `subscribe:bench` filter `{user}`
+/// (own rows).
+pub const SOCKETIO_SERVER_CONFIG: &[&str] = &[
+    "[[socketio.tables]]",
+    "table = \"public.bench_rows\"",
+    "event = \"bench\"",
+    "key = \"row\"",
+    "rooms = [\"bench_rows\"]",
+    "subscribe = \"subscribe:bench\"",
+    "filters = { user = \"user_id\" }",
+];
 
 /// What a client subscribes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -156,6 +185,7 @@ impl Shared {
 pub struct ClientSpec {
     /// Index into the process's slots.
     pub slot: usize,
+    pub protocol: Protocol,
     pub shape: Shape,
     /// The user id whose rows an [`Shape::OwnRows`] client subscribes to.
     pub user: u64,
@@ -175,12 +205,20 @@ pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
 }
 
-pub fn websocket_url(server: SocketAddr, token: &str) -> String {
-    format!("ws://{server}/realtime/v1/websocket?apikey={token}&vsn=2.0.0")
+pub fn websocket_url(protocol: Protocol, server: SocketAddr, token: &str) -> String {
+    match protocol {
+        Protocol::Phoenix => format!("ws://{server}/realtime/v1/websocket?apikey={token}&vsn=2.0.0"),
+        Protocol::Socketio => format!("ws://{server}/socket.io/?EIO=4&transport=websocket&token={token}"),
+    }
 }
 
 /// Opens a WebSocket from `source` (port chosen by the kernel) to `server`.
-pub async fn open(source: Option<Ipv4Addr>, server: SocketAddr, token: &str) -> Result<Ws, String> {
+pub async fn open(
+    protocol: Protocol,
+    source: Option<Ipv4Addr>,
+    server: SocketAddr,
+    token: &str,
+) -> Result<Ws, String> {
     let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
     if let Some(source) = source {
         socket.bind(SocketAddr::new(IpAddr::V4(source), 0)).map_err(|e| format!("bind {source}: {e}"))?;
@@ -190,7 +228,7 @@ pub async fn open(source: Option<Ipv4Addr>, server: SocketAddr, token: &str) -> 
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
-    let url = websocket_url(server, token);
+    let url = websocket_url(protocol, server, token);
     let (ws, _) = tokio::time::timeout(
         CONNECT_TIMEOUT,
         tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config())),
@@ -307,6 +345,9 @@ pub async fn run(spec: ClientSpec, shared: Arc<Shared>) {
         }
     };
     shared.connected.fetch_add(1, Ordering::Relaxed);
+    if spec.protocol == Protocol::Socketio {
+        return run_socketio(spec, shared.clone(), ws).await;
+    }
     let mut stop = shared.stop.clone();
     let join = join_frame(spec.shape, spec.user, &spec.broadcast_topic);
     let mut join_deadline = None;
@@ -389,6 +430,123 @@ pub async fn run(spec: ClientSpec, shared: Arc<Shared>) {
             _ = &mut stopped => break None,
         }
     };
+    finish(ending, slot, &shared, &mut ws).await;
+}
+
+/// The Socket.IO event that joins a shape's room or filter (ack id 1); `None`: nothing to join.
+pub fn socketio_join(shape: Shape, user: u64, broadcast_topic: &str) -> Option<String> {
+    match shape {
+        Shape::None => None,
+        Shape::OwnRows => Some(format!("421[\"subscribe:bench\",{{\"user\":{user}}}]")),
+        Shape::TableWide => Some("421[\"join\",\"bench_rows\"]".into()),
+        Shape::Broadcast => Some(format!("421[\"join\",{}]", json!(broadcast_topic))),
+    }
+}
+
+/// What a Socket.IO frame (an Engine.IO text message) means for the client.
+fn classify_socketio(frame: &str) -> SocketIoFrame {
+    match frame.as_bytes() {
+        [b'2', ..] if frame == "2" => SocketIoFrame::Ping,
+        // Engine.IO's open packet: CONNECT to namespace `/` (the token was in the handshake).
+        [b'0', ..] => SocketIoFrame::Open,
+        [b'4', b'0', ..] => SocketIoFrame::Connected,
+        [b'4', b'4', ..] => SocketIoFrame::Refused(frame[2..].to_string()),
+        [b'4', b'3', b'1', ..] => {
+            if frame.contains("\"ok\":true") {
+                SocketIoFrame::Joined
+            } else {
+                SocketIoFrame::Refused(frame[3..].to_string())
+            }
+        }
+        [b'4', b'1', ..] => SocketIoFrame::Problem("disconnected by the server".into()),
+        [b'4', b'2', ..] if frame.starts_with("42[\"error\"") => {
+            SocketIoFrame::Problem(frame[2..].to_string())
+        }
+        _ => SocketIoFrame::Nothing,
+    }
+}
+
+enum SocketIoFrame {
+    Open,
+    Ping,
+    Connected,
+    Joined,
+    Refused(String),
+    Problem(String),
+    Nothing,
+}
+
+/// [`run`] for a Socket.IO client: CONNECT (the token went in the handshake), the shape's
+/// join, pongs; deliveries counted as for Phoenix.
+async fn run_socketio(spec: ClientSpec, shared: Arc<Shared>, mut ws: Ws) {
+    let slot = &shared.slots[spec.slot];
+    let mut stop = shared.stop.clone();
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
+    let mut join_deadline = Some(tokio::time::Instant::now() + JOIN_TIMEOUT);
+    let ending: Option<String> = loop {
+        tokio::select! {
+            incoming = ws.next() => {
+                let text = match &incoming {
+                    Some(Ok(Message::Text(text))) => text.as_str(),
+                    Some(Ok(Message::Close(_))) => break Some("closed by server".into()),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => break Some(format!("socket error: {e}")),
+                    None => break Some("connection ended".into()),
+                };
+                if let Some(sent) = sent_at(text.as_bytes()) {
+                    shared.delivered(slot, sent);
+                    continue;
+                }
+                let reply = match classify_socketio(text) {
+                    SocketIoFrame::Open => Some("40".to_string()),
+                    SocketIoFrame::Ping => Some("3".to_string()),
+                    SocketIoFrame::Nothing => None,
+                    SocketIoFrame::Connected => match socketio_join(spec.shape, spec.user, &spec.broadcast_topic) {
+                        Some(join) => Some(join),
+                        None => {
+                            join_deadline = None;
+                            slot.set(Standing::Held);
+                            None
+                        }
+                    },
+                    SocketIoFrame::Joined => {
+                        join_deadline = None;
+                        slot.set(Standing::Held);
+                        None
+                    }
+                    SocketIoFrame::Refused(why) => {
+                        shared.join_errors.fetch_add(1, Ordering::Relaxed);
+                        shared.problem(format!("join refused: {why}"));
+                        slot.set(Standing::Failed);
+                        return;
+                    }
+                    SocketIoFrame::Problem(what) => {
+                        shared.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        shared.problem(what);
+                        None
+                    }
+                };
+                if let Some(reply) = reply {
+                    if let Err(e) = ws.send(Message::Text(reply.into())).await {
+                        break Some(format!("send failed: {e}"));
+                    }
+                }
+            }
+            _ = sleep_until_opt(join_deadline) => {
+                shared.join_errors.fetch_add(1, Ordering::Relaxed);
+                shared.problem(format!("no join ack within {JOIN_TIMEOUT:?}"));
+                slot.set(Standing::Failed);
+                return;
+            }
+            _ = &mut stopped => break None,
+        }
+    };
+    finish(ending, slot, &shared, &mut ws).await;
+}
+
+/// How a client's loop ended: lost (not stopped by the bench) or closed politely.
+async fn finish(ending: Option<String>, slot: &ClientSlot, shared: &Shared, ws: &mut Ws) {
     match ending {
         Some(why) if !shared.stopping() => {
             if slot.standing() == Standing::Held {
@@ -417,7 +575,7 @@ async fn connect_with_retries(spec: &ClientSpec, shared: &Shared) -> Result<Ws, 
             shared.connect_retries.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
         }
-        match open(Some(spec.source), spec.server, &spec.token).await {
+        match open(spec.protocol, Some(spec.source), spec.server, &spec.token).await {
             Ok(ws) => return Ok(ws),
             Err(e) => last = e,
         }
@@ -445,6 +603,24 @@ mod tests {
         assert_eq!(sent_at(&binary), Some(42));
         assert_eq!(sent_at(br#"["1","1","realtime:t","phx_reply",{"status":"ok"}]"#), None);
         assert_eq!(sent_at(br#"{"sent_at_us":"#), None);
+    }
+
+    #[test]
+    fn socketio_frames_are_classified_and_joins_written() {
+        assert!(matches!(classify_socketio("2"), SocketIoFrame::Ping));
+        assert!(matches!(classify_socketio("40{\"sid\":\"a\",\"pid\":\"b\"}"), SocketIoFrame::Connected));
+        assert!(matches!(classify_socketio("431[{\"ok\":true}]"), SocketIoFrame::Joined));
+        assert!(matches!(classify_socketio("431[{\"error\":\"no\"}]"), SocketIoFrame::Refused(_)));
+        assert!(matches!(classify_socketio("44{\"message\":\"invalid token\"}"), SocketIoFrame::Refused(_)));
+        assert!(matches!(classify_socketio("42[\"error\",\"slow\",\"0\"]"), SocketIoFrame::Problem(_)));
+        assert!(matches!(classify_socketio("0{\"sid\":\"x\"}"), SocketIoFrame::Open));
+        assert!(matches!(classify_socketio("6"), SocketIoFrame::Nothing));
+        assert_eq!(
+            socketio_join(Shape::OwnRows, 7, "t").as_deref(),
+            Some("421[\"subscribe:bench\",{\"user\":7}]")
+        );
+        assert_eq!(socketio_join(Shape::Broadcast, 0, "b-1").as_deref(), Some("421[\"join\",\"b-1\"]"));
+        assert_eq!(socketio_join(Shape::None, 0, "t"), None);
     }
 
     #[test]

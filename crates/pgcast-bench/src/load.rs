@@ -198,7 +198,9 @@ pub async fn drive_broadcasts(server: SocketAddr, token: &str, plan: &BroadcastP
     let topic = format!("realtime:{}", plan.topic);
     let mut sender = match plan.via {
         Via::Ws => {
-            let mut ws = client::open(None, server, token).await.map_err(anyhow::Error::msg)?;
+            let mut ws = client::open(client::Protocol::Phoenix, None, server, token)
+                .await
+                .map_err(anyhow::Error::msg)?;
             let (join_topic, payload) = client::join_frame(client::Shape::Broadcast, 0, &plan.topic)
                 .context("broadcast join frame")?;
             ws.send(Message::Text(json!(["1", "1", join_topic, "phx_join", payload]).to_string().into()))

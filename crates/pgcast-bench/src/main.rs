@@ -166,6 +166,10 @@ struct CommonArgs {
     /// `outbound_queue` of the spawned server [default: the server's default].
     #[arg(long)]
     outbound_queue: Option<usize>,
+    /// The protocol the clients speak: Supabase Realtime, or Socket.IO over a WebSocket (the
+    /// spawned server then routes the bench table to room `bench_rows` and `subscribe:bench`).
+    #[arg(long, value_enum, default_value = "phoenix")]
+    protocol: crate::client::Protocol,
     /// Extra `key = value` line for the spawned server's config file (repeatable).
     #[arg(long = "server-setting")]
     server_settings: Vec<String>,
@@ -208,7 +212,12 @@ impl CommonArgs {
         if let Some(queue) = self.outbound_queue {
             server_config.push(format!("outbound_queue = {queue}"));
         }
+        if self.protocol == crate::client::Protocol::Socketio {
+            // Last: a `[[table]]` header takes every line after it.
+            server_config.extend(crate::client::SOCKETIO_SERVER_CONFIG.iter().map(|l| l.to_string()));
+        }
         RunOptions {
+            protocol: self.protocol,
             target: TargetOptions {
                 pgcast_bin: self.pgcast_bin.clone(),
                 server_url: self.server_url.clone(),
@@ -237,6 +246,7 @@ impl CommonArgs {
     fn parameters(&self) -> serde_json::Value {
         json!({
             "capture": if self.trigger_capture { "trigger" } else { "replication" },
+            "protocol": self.protocol,
             "outbound_queue": self.outbound_queue,
             "server_settings": self.server_settings,
             "clients_per_process": self.clients_per_process,

@@ -58,6 +58,7 @@ pub struct Scenario {
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub target: TargetOptions,
+    pub protocol: crate::client::Protocol,
     pub clients_per_process: usize,
     /// Niceness of the client processes; above 0 the clients run in worker processes.
     pub client_nice: i32,
@@ -142,6 +143,7 @@ async fn run_on(
             first,
             count: clients * (id + 1) / processes - first,
             segments: scenario.segments.clone(),
+            protocol: options.protocol,
             broadcast_topic: BROADCAST_TOPIC.into(),
             source_ips: options.source_ips,
             heartbeat_secs: options.heartbeat_secs,

@@ -47,6 +47,8 @@ pub struct WorkerSpec {
     pub first: usize,
     pub count: usize,
     pub segments: Vec<Segment>,
+    #[serde(default)]
+    pub protocol: crate::client::Protocol,
     pub broadcast_topic: String,
     /// Client `i` connects from 127.0.0.(1 + i % source_ips).
     pub source_ips: u8,
@@ -197,6 +199,7 @@ pub async fn run(
         let offset_ms = (index as u64).wrapping_mul(2_654_435_761) % period;
         let client = ClientSpec {
             slot,
+            protocol: spec.protocol,
             shape,
             user,
             source: Ipv4Addr::new(127, 0, 0, 1 + (index % usize::from(spec.source_ips.max(1))) as u8),
