@@ -36,8 +36,9 @@ cargo build --locked --bins --tests
 log "SDK build (clients/js; the Rust end-to-end tests drive SDK clients too)"
 (cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run build)
 
-log "Node baseline for the bench (crates/pgcast-bench/baselines/node-ws-notify)"
+log "Node baselines for the bench (crates/pgcast-bench/baselines/node-ws-notify, node-socketio-notify)"
 (cd crates/pgcast-bench/baselines/node-ws-notify && npm ci --no-audit --no-fund --loglevel=error)
+(cd crates/pgcast-bench/baselines/node-socketio-notify && npm ci --no-audit --no-fund --loglevel=error)
 
 # Each integration test makes its PostgreSQL cluster under target/tmp; a test process ends before
 # the cluster's files can go, so clear them around the runs (they add up to gigabytes).

@@ -206,3 +206,54 @@ fn the_node_baseline_is_measured_by_the_same_scenarios() {
     assert_plausible(&report, "broadcast", 10);
     assert_delivered(&report);
 }
+
+#[test]
+fn socketio_clients_are_measured_by_the_same_scenarios() {
+    let report = run_bench("sio-fanout", &[SMALL_FANOUT, &["--protocol", "socketio"]].concat());
+    assert_plausible(&report, "fanout", 22);
+    assert_delivered(&report);
+    assert_eq!(report["parameters"]["common"]["protocol"], "socketio");
+    assert_eq!(u(&report["stages"][0], "/deliveries"), 200 + 2 * 200);
+
+    let report = run_bench(
+        "sio-broadcast",
+        &["broadcast", "--clients", "10", "--rate", "20", "--duration-secs", "1", "--protocol", "socketio"],
+    );
+    assert_plausible(&report, "broadcast", 10);
+    assert_delivered(&report);
+}
+
+/// Seed 000's design (`socket.io` + LISTEN/NOTIFY) measured with Socket.IO clients; `npm ci` in
+/// its directory first (the test script does).
+#[test]
+fn the_node_socketio_baseline_is_measured_by_the_same_scenarios() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("baselines/node-socketio-notify");
+    assert!(dir.join("node_modules/socket.io").is_dir(), "run `npm ci` in {} first", dir.display());
+    let serve = dir.join("serve").display().to_string();
+    let args = [SMALL_FANOUT, &["--protocol", "socketio", "--pgcast-bin", &serve]].concat();
+    let report = run_bench("sio-baseline-fanout", &args);
+    assert_plausible(&report, "fanout", 22);
+    assert_delivered(&report);
+    assert_eq!(u(&report["stages"][0], "/deliveries"), 200 + 2 * 200);
+
+    let report = run_bench(
+        "sio-baseline-broadcast",
+        &[
+            "broadcast",
+            "--clients",
+            "10",
+            "--rate",
+            "20",
+            "--duration-secs",
+            "1",
+            "--via",
+            "rest",
+            "--protocol",
+            "socketio",
+            "--pgcast-bin",
+            &serve,
+        ],
+    );
+    assert_plausible(&report, "broadcast", 10);
+    assert_delivered(&report);
+}

@@ -100,13 +100,17 @@ impl EngineError {
 enum Request2Session {
     /// A `GET`: answered with the next payload.
     Poll(oneshot::Sender<PollReply>),
-    /// A `POST`: its body, answered once the packets are taken.
-    Post(bytes::Bytes, oneshot::Sender<PostReply>),
+    /// A `POST`: its body, answered once the packets are taken. Boxed: the channel allocates
+    /// room for 32 requests per session up front, and every variant is a pointer this way.
+    Post(Box<(bytes::Bytes, oneshot::Sender<PostReply>)>),
     /// A WebSocket opened with this session's `sid`: the upgrade probe.
     Upgrade(Box<WebSocket>),
     /// The client sent what ends the session (a body over `max_payload`).
     Abort,
 }
+
+// A pointer and a tag: what every session's request channel holds room for 32 of.
+const _: () = assert!(std::mem::size_of::<Request2Session>() <= 16);
 
 enum PollReply {
     Payload(String),
@@ -125,7 +129,10 @@ enum PostReply {
 
 /// What the HTTP side keeps of a session.
 struct Shared {
-    requests: mpsc::Sender<Request2Session>,
+    /// How HTTP requests reach the session's task; none for a session opened on a WebSocket,
+    /// which never takes one (its polls are refused, a second WebSocket closed), so it holds
+    /// no channel.
+    requests: Option<mpsc::Sender<Request2Session>>,
     /// Whether the session is on its WebSocket (polling requests are refused).
     upgraded: std::sync::atomic::AtomicBool,
     /// When the session is dead unless a pong came: a request arriving after it is refused
@@ -222,11 +229,22 @@ impl Engines {
         }
     }
 
-    fn register(self: &Arc<Engines>, sid: &str) -> (Arc<Shared>, mpsc::Receiver<Request2Session>) {
-        let (tx, rx) = mpsc::channel(4);
+    /// Registers a session: with a request channel when it starts on long-polling, upgraded
+    /// (and without one) when it starts on a WebSocket.
+    fn register(
+        self: &Arc<Engines>,
+        sid: &str,
+        polling: bool,
+    ) -> (Arc<Shared>, Option<mpsc::Receiver<Request2Session>>) {
+        let (tx, rx) = if polling {
+            let (tx, rx) = mpsc::channel(4);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let shared = Arc::new(Shared {
             requests: tx,
-            upgraded: std::sync::atomic::AtomicBool::new(false),
+            upgraded: std::sync::atomic::AtomicBool::new(!polling),
             dead_at: Mutex::new(None),
         });
         if let Ok(mut sessions) = self.sessions.lock() {
@@ -251,7 +269,7 @@ impl Engines {
 
     /// A polling handshake: the open packet is this request's body; the session starts now.
     fn open_polling(self: &Arc<Engines>, handshake: Handshake) -> Response {
-        let (shared, rx) = self.register(&handshake.sid);
+        let (shared, rx) = self.register(&handshake.sid, true);
         let body = self.open_packet(&handshake.sid, true);
         let transport =
             EngineTransport::new(self.clone(), shared, rx, handshake.sid.clone(), Mode::polling());
@@ -273,8 +291,7 @@ impl Engines {
             if socket.send(Message::Text(open.into())).await.is_err() {
                 return;
             }
-            let (shared, rx) = engines.register(&handshake.sid);
-            shared.upgraded.store(true, std::sync::atomic::Ordering::Release);
+            let (shared, rx) = engines.register(&handshake.sid, false);
             let sid = handshake.sid.clone();
             let transport = EngineTransport::new(engines.clone(), shared, rx, sid, Mode::WebSocket(socket));
             // Refused: dropping the transport closes its WebSocket.
@@ -291,8 +308,12 @@ impl Engines {
                     let _ = socket.send(Message::Close(None)).await;
                     return;
                 }
+                let Some(requests) = &shared.requests else {
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                };
                 if let Err(mpsc::error::SendError(Request2Session::Upgrade(mut socket))) =
-                    shared.requests.send(Request2Session::Upgrade(Box::new(socket))).await
+                    requests.send(Request2Session::Upgrade(Box::new(socket))).await
                 {
                     let _ = socket.send(Message::Close(None)).await;
                 }
@@ -301,17 +322,18 @@ impl Engines {
     }
 
     async fn post(&self, shared: &Shared, body: Body) -> Response {
+        let Some(requests) = &shared.requests else { return EngineError::BadRequest.response() };
         let max = self.config.max_payload;
         let bytes = match axum::body::to_bytes(body, max).await {
             Ok(bytes) => bytes,
             Err(_) => {
                 // Too large (or cut off): the session cannot continue, as in engine.io.
-                let _ = shared.requests.send(Request2Session::Abort).await;
+                let _ = requests.send(Request2Session::Abort).await;
                 return StatusCode::PAYLOAD_TOO_LARGE.into_response();
             }
         };
         let (tx, rx) = oneshot::channel();
-        if shared.requests.send(Request2Session::Post(bytes, tx)).await.is_err() {
+        if requests.send(Request2Session::Post(Box::new((bytes, tx)))).await.is_err() {
             return EngineError::UnknownSid.response();
         }
         match rx.await {
@@ -330,8 +352,9 @@ fn configure(upgrade: WebSocketUpgrade, config: &EngineConfig) -> WebSocketUpgra
 }
 
 async fn poll(shared: &Shared) -> Response {
+    let Some(requests) = &shared.requests else { return EngineError::BadRequest.response() };
     let (tx, rx) = oneshot::channel();
-    if shared.requests.send(Request2Session::Poll(tx)).await.is_err() {
+    if requests.send(Request2Session::Poll(tx)).await.is_err() {
         return EngineError::UnknownSid.response();
     }
     match rx.await {
@@ -382,7 +405,7 @@ pub struct EngineTransport {
     engines: Arc<Engines>,
     shared: Arc<Shared>,
     sid: Box<str>,
-    requests: mpsc::Receiver<Request2Session>,
+    requests: Option<mpsc::Receiver<Request2Session>>,
     mode: Mode,
     /// A WebSocket probing an upgrade (`2probe` answered, `5` not yet received).
     probe: Option<Box<WebSocket>>,
@@ -405,7 +428,7 @@ impl EngineTransport {
     fn new(
         engines: Arc<Engines>,
         shared: Arc<Shared>,
-        requests: mpsc::Receiver<Request2Session>,
+        requests: Option<mpsc::Receiver<Request2Session>>,
         sid: Box<str>,
         mode: Mode,
     ) -> EngineTransport {
@@ -480,7 +503,8 @@ impl EngineTransport {
                 }
                 None
             }
-            Request2Session::Post(body, reply) => {
+            Request2Session::Post(post) => {
+                let (body, reply) = *post;
                 if !matches!(self.mode, Mode::Polling { .. }) {
                     let _ = reply.send(PostReply::Upgraded);
                     return None;
@@ -518,7 +542,8 @@ impl EngineTransport {
                             let _ = waiting.send(PollReply::Payload("6".into()));
                         }
                         None => {
-                            let late = tokio::time::timeout(CLOSE_RACE, self.requests.recv()).await;
+                            let late =
+                                tokio::time::timeout(CLOSE_RACE, next_request(&mut self.requests)).await;
                             if let Ok(Some(Request2Session::Poll(poll))) = late {
                                 let _ = poll.send(PollReply::Payload("6".into()));
                             }
@@ -617,6 +642,15 @@ impl EngineTransport {
     }
 }
 
+/// The next HTTP request for the session (pending forever for a session without a channel;
+/// `None` once the endpoint dropped it).
+async fn next_request(requests: &mut Option<mpsc::Receiver<Request2Session>>) -> Option<Request2Session> {
+    match requests {
+        Some(requests) => requests.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The next frame of an optional WebSocket (pending forever without one).
 async fn next_frame(socket: &mut Option<Box<WebSocket>>) -> Option<Result<Message, axum::Error>> {
     match socket {
@@ -673,7 +707,7 @@ impl Transport for EngineTransport {
                         Err(()) => return Incoming::Gone,
                     }
                 }
-                request = self.requests.recv() => {
+                request = next_request(&mut self.requests) => {
                     match request {
                         Some(request) => {
                             if let Some(incoming) = self.request(request).await {
@@ -753,7 +787,7 @@ impl Transport for EngineTransport {
                         if out.is_empty() {
                             break;
                         }
-                        match self.requests.recv().await {
+                        match next_request(&mut self.requests).await {
                             Some(Request2Session::Poll(reply)) => {
                                 if let Mode::Polling { out, .. } = &mut self.mode {
                                     let _ = reply.send(PollReply::Payload(std::mem::take(out)));
