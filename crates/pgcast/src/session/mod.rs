@@ -400,11 +400,12 @@ impl<P: Protocol, T: Transport> Session<P, T> {
     /// Runs the connection until the client leaves, is cut off, or the server shuts down.
     pub async fn run(mut self) {
         tracing::info!(session = self.core.handle.id, peer = %self.core.peer, "client connected");
-        // The kick and shutdown are watched here, outside `serve`: a client that stopped reading
-        // leaves `serve` blocked in a socket write, and must still be cut off. Watched once, they
-        // are registered once, not again on every message the loop writes.
         // Boxed, like the other protocol hooks: its state would otherwise sit in every task.
         let started = Box::pin(P::start(&mut self)).await;
+        // The kick and shutdown are watched here, outside `serve`: a client that stopped reading
+        // leaves `serve` blocked in a socket write, and must still be cut off. Watched once, they
+        // are registered once, not again on every message the loop writes (and again only when
+        // the session adopts another core).
         let ending = loop {
             if started.is_err() {
                 break Ending::Gone;
@@ -434,9 +435,16 @@ impl<P: Protocol, T: Transport> Session<P, T> {
             }
         };
         if ending.lost_transport() {
-            let Session { core, mut protocol, transport } = self;
+            let Session { core, mut protocol, mut transport } = self;
+            let id = core.handle.id;
             match protocol.park(core) {
-                None => return,
+                None => {
+                    if matches!(ending, Ending::ClosedByClient) {
+                        transport.closed_by_client().await;
+                    }
+                    tracing::info!(session = id, "client disconnected; session parked");
+                    return;
+                }
                 Some(core) => self = Session { core, protocol, transport },
             }
         }

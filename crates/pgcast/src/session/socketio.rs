@@ -348,6 +348,8 @@ impl<T: Transport> Session<SocketIo, T> {
             return fresh("cut off while parked (its queue overflowed)");
         }
         if parked.core.counted_user.as_deref() != claims.sub.as_deref() {
+            // Not this client's to end: it stays parked for its own.
+            self.protocol.recovery.park(pid.into(), parked);
             return fresh("the token is another user's");
         }
         let missed = match parked.sent.as_deref() {
@@ -364,6 +366,10 @@ impl<T: Transport> Session<SocketIo, T> {
         drop(unused);
         self.protocol.sent = sent;
         self.protocol.connected = true;
+        // Under its pid before anything is written: if this transport fails too, the session
+        // parks again with what it was sent.
+        self.protocol.recovery.connected(pid, &self.core.handle);
+        self.protocol.ids = Some(Box::new(Ids { sid: sid.clone(), pid: pid.into() }));
         let replayed = missed.len();
         for message in missed {
             self.transport.feed(message).await?;
@@ -382,8 +388,6 @@ impl<T: Transport> Session<SocketIo, T> {
         }
         self.transport.flush().await?;
         self.send_packet(&connect_reply(&sid, pid)).await?;
-        self.protocol.recovery.connected(pid, &self.core.handle);
-        self.protocol.ids = Some(Box::new(Ids { sid, pid: pid.into() }));
         metrics::counter!("pgcast_socketio_recoveries_total", "result" => "recovered").increment(1);
         self.core
             .audit(AuditEvent::new(Action::Connect).claims(Some(claims)).detail("recovered".to_string()));
