@@ -345,9 +345,9 @@ pub trait Protocol: Send + Sized {
         async { Ok(()) }
     }
 
-    /// A queued message was taken to be written to the transport (Socket.IO keeps recent
-    /// events for recovery).
-    fn outgoing(&mut self, _message: &axum::extract::ws::Message) {}
+    /// Queued messages were taken to be written to the transport (Socket.IO keeps recent
+    /// events for recovery). Once per batch.
+    fn outgoing(&mut self, _batch: &[Outbound]) {}
 
     /// The transport is lost while the client may come back: the protocol may keep the core
     /// (Socket.IO parks it for recovery) and return `None`, or hand it back to be released.
@@ -575,11 +575,8 @@ impl<P: Protocol, T: Transport> Session<P, T> {
 
     /// Messages taken from the queue to be written: the protocol may keep them (recovery).
     fn taken(&mut self, batch: &[Outbound]) {
-        for entry in batch {
-            match &entry.frames {
-                Frames::One(message) => self.protocol.outgoing(message),
-                Frames::Run(run) => run.iter().for_each(|message| self.protocol.outgoing(message)),
-            }
+        if !batch.is_empty() {
+            self.protocol.outgoing(batch);
         }
     }
 

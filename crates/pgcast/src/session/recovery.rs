@@ -50,22 +50,34 @@ pub struct Sent {
 }
 
 impl Sent {
-    /// Records an event written, and a binary event's attachment; other frames (replies,
-    /// errors) are not recovered.
-    pub fn record(&mut self, message: &Message, window: Duration) {
-        let attachment = matches!(message, Message::Binary(_)) && self.attachment_due;
-        let event = offset_of(message).is_some();
-        if !event && !attachment {
-            return;
-        }
-        self.attachment_due = event && matches!(message, Message::Text(t) if t.as_str().starts_with("451-"));
+    /// Records the events of what was taken to be written (and binary events' attachments);
+    /// other frames (replies, errors) are not recovered. Called once per batch: this runs for
+    /// every member of a room on every broadcast, so it reads one clock and parses nothing.
+    pub fn record(&mut self, messages: impl Iterator<Item = Message>, window: Duration) {
         let now = Instant::now();
-        self.events.push_back((now, message.clone()));
-        // The newest event stays: it is the offset an `error` event repeats.
-        while self.events.iter().filter(|(_, m)| offset_of(m).is_some()).nth(1).is_some()
-            && (self.events.len() > SENT_MAX
-                || self.events.front().is_some_and(|(at, _)| now.duration_since(*at) > window))
+        for message in messages {
+            let (event, binary_event) = match &message {
+                // What `recoverable_event` and `binary_event` write: they end with an offset.
+                Message::Text(text) => {
+                    let text = text.as_str();
+                    (text.starts_with("42[") || text.starts_with("451-["), text.starts_with("451-["))
+                }
+                Message::Binary(_) if self.attachment_due => (false, false),
+                _ => continue,
+            };
+            self.attachment_due = binary_event;
+            if event || matches!(message, Message::Binary(_)) {
+                self.events.push_back((now, message));
+            }
+        }
+        while self.events.len() > SENT_MAX
+            || self.events.front().is_some_and(|(at, _)| now.duration_since(*at) > window)
         {
+            // The newest event (with its attachment) stays: its offset is the one an `error`
+            // event repeats.
+            if self.events.iter().skip(1).all(|(_, m)| matches!(m, Message::Binary(_))) {
+                break;
+            }
             self.events.pop_front();
             // An attachment goes with its event.
             while self.events.front().is_some_and(|(_, m)| matches!(m, Message::Binary(_))) {
@@ -246,11 +258,11 @@ mod tests {
         let mut sent = Sent::default();
         assert_eq!(sent.last_offset(), START);
         assert_eq!(sent.after(None).map(|m| m.len()), Some(0));
-        for offset in ["a1", "a2", "a3"] {
-            sent.record(&event(offset), window);
-        }
-        sent.record(&Message::Text("42[\"e\",{\"a\":1}]".into()), window);
-        assert_eq!(sent.last_offset(), "a3", "an event without an offset is not recorded");
+        sent.record(["a1", "a2", "a3"].into_iter().map(event), window);
+        sent.record(std::iter::once(Message::Text("43[{\"a\":1}]".into())), window);
+        sent.record(std::iter::once(Message::Binary(vec![1].into())), window);
+        assert_eq!(sent.last_offset(), "a3", "an ack, or bytes no event announced, are not recorded");
+        assert_eq!(sent.after(Some("a2")).map(|m| m.len()), Some(1));
         assert_eq!(offsets(&sent.after(Some("a1")).unwrap()), ["a2", "a3"]);
         assert_eq!(offsets(&sent.after(Some("a3")).unwrap()), Vec::<&str>::new());
         assert_eq!(offsets(&sent.after(None).unwrap()), ["a1", "a2", "a3"]);
@@ -260,9 +272,7 @@ mod tests {
     #[test]
     fn past_its_bound_the_oldest_go_and_a_client_that_read_nothing_is_not_served() {
         let mut sent = Sent::default();
-        for i in 0..SENT_MAX + 5 {
-            sent.record(&event(&format!("o{i}")), Duration::from_secs(60));
-        }
+        sent.record((0..SENT_MAX + 5).map(|i| event(&format!("o{i}"))), Duration::from_secs(60));
         assert!(sent.after(Some("o0")).is_none(), "dropped from the front");
         assert!(sent.after(None).is_none(), "from the start is no longer exact");
         let last = format!("o{}", SENT_MAX + 3);
@@ -274,11 +284,9 @@ mod tests {
         let window = Duration::from_secs(60);
         let mut sent = Sent::default();
         let [text, attachment] = crate::protocol::socketio::binary_event("file", &[1, 2, 3], "b1");
-        sent.record(&event("b0"), window);
-        sent.record(&text, window);
-        sent.record(&attachment, window);
-        sent.record(&Message::Binary(vec![9].into()), window);
-        sent.record(&event("b2"), window);
+        sent.record([event("b0"), text].into_iter(), window);
+        // The attachment in the next batch, then stray bytes.
+        sent.record([attachment.clone(), Message::Binary(vec![9].into()), event("b2")].into_iter(), window);
         assert_eq!(sent.last_offset(), "b2");
         let after_b0 = sent.after(Some("b0")).unwrap();
         assert_eq!(after_b0.len(), 3, "the binary event, its attachment (not the stray bytes), b2");

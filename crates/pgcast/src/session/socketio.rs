@@ -14,7 +14,6 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::Message;
 use serde_json::{json, Value};
 
 use super::recovery::{Parked, Recovery, Sent, START};
@@ -24,7 +23,7 @@ use super::{
 };
 use crate::audit::{Action, AuditEvent};
 use crate::auth::Claims;
-use crate::outbound::close_code;
+use crate::outbound::{close_code, Frames, Outbound};
 use crate::protocol::socketio::{
     connect_error, decode_sio, packet_message, recoverable_event, SioKind, SioPacket,
 };
@@ -182,9 +181,13 @@ impl Protocol for SocketIo {
         }
     }
 
-    fn outgoing(&mut self, message: &Message) {
+    fn outgoing(&mut self, batch: &[Outbound]) {
         if self.connected && self.recovery.enabled() {
-            self.sent.get_or_insert_default().record(message, self.recovery.window());
+            let messages = batch.iter().flat_map(|entry| match &entry.frames {
+                Frames::One(message) => std::slice::from_ref(message),
+                Frames::Run(run) => &run[..],
+            });
+            self.sent.get_or_insert_default().record(messages.cloned(), self.recovery.window());
         }
     }
 
@@ -376,14 +379,15 @@ impl<T: Transport> Session<SocketIo, T> {
         }
         let mut queued = Vec::new();
         self.core.handle.queue().take(&mut queued, usize::MAX);
+        self.protocol.outgoing(&queued);
         for entry in queued {
-            let messages: Vec<Message> = match entry.frames {
-                crate::outbound::Frames::One(message) => vec![message],
-                crate::outbound::Frames::Run(run) => run.iter().cloned().collect(),
-            };
-            for message in messages {
-                self.protocol.outgoing(&message);
-                self.transport.feed(message).await?;
+            match entry.frames {
+                Frames::One(message) => self.transport.feed(message).await?,
+                Frames::Run(run) => {
+                    for message in run.iter() {
+                        self.transport.feed(message.clone()).await?;
+                    }
+                }
             }
         }
         self.transport.flush().await?;
