@@ -201,3 +201,41 @@ for (const transports of [['websocket'], ['polling']]) {
     await proxy.close();
   });
 }
+
+test("a pid brought with another user's token gets a fresh session, and the session stays its owner's", async () => {
+  const proxy = await cuttingProxy(demo.info.http);
+  const owner = recoveringClient(proxy.url, { role: 'admin', sub: 'pid-owner', tenant_id: 1 }, ['websocket']);
+  const seen = [];
+  owner.socket.on('hello', ({ n }) => seen.push(n));
+  await once(owner.socket, 'connect');
+  const pid = owner.socket._pid;
+  assert.match(pid, /^[0-9a-f]{32}$/);
+  proxy.refuse(true);
+  proxy.cut();
+  await broadcast('user:pid-owner', 'hello', { n: 1 });
+
+  const fresh = async () => {
+    const text = await (await fetch(`${demo.info.http}/metrics`)).text();
+    return Number(/^pgcast_socketio_recoveries_total\{result="fresh"\} (\d+)/m.exec(text)?.[1] ?? 0);
+  };
+  const freshBefore = await fresh();
+  // Someone else presents the owner's pid (socket.io-client sends `pid` from its own state).
+  const thief = io(demo.info.http, { auth: { token: demo.token({ role: 'admin', sub: 'pid-thief', tenant_id: 1 }) }, transports: ['websocket'], reconnection: false, forceNew: true });
+  thief._pid = pid;
+  thief._lastOffset = '0';
+  const stolen = [];
+  thief.on('hello', ({ n }) => stolen.push(n));
+  await once(thief, 'connect');
+  assert.equal(thief.recovered, false, 'not recovered with another user\'s token');
+  assert.notEqual(thief._pid, pid);
+  assert.equal(await fresh(), freshBefore + 1, 'the pid was presented and refused');
+
+  proxy.refuse(false);
+  await waitFor('the owner back', () => owner.connects.length === 2);
+  assert.equal(owner.connects[1], true, 'the owner still recovers its session');
+  await waitFor('the missed broadcast', () => seen.includes(1));
+  assert.deepEqual(stolen, []);
+  thief.disconnect();
+  owner.socket.disconnect();
+  await proxy.close();
+});

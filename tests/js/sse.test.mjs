@@ -190,6 +190,15 @@ test('a token that expires ends the stream with a closing event naming it', asyn
   const metrics = await (await fetch(`${demo.info.http}/metrics`)).text();
   assert.match(metrics, /^pgcast_connections_by_protocol\{protocol="sse"\} /m, 'counted by protocol');
   s.close();
+  // Audited like the other endpoints: connect, join and leave, with the user id.
+  await waitFor('the audit records', async () => {
+    const { rows } = await demo.db.query(
+      `SELECT action FROM pgcast.audit_log WHERE user_id = 'sse-expiring' AND action IN ('connect', 'join', 'leave')`,
+    );
+    return new Set(rows.map((r) => r.action)).size === 3;
+  });
+  const { rows } = await demo.db.query(`SELECT DISTINCT channel FROM pgcast.audit_log WHERE user_id = 'sse-expiring' AND action = 'join'`);
+  assert.deepEqual(rows.map((r) => r.channel), ['realtime:sse:public.appointments']);
 });
 
 test("in Chromium: EventSource gets each change once, in order, across a cut (its own Last-Event-ID)", async () => {
