@@ -33,10 +33,11 @@ use crate::transport::engineio::{EngineConfig, Engines, Spawn};
 use crate::transport::sse::SseTransport;
 use crate::transport::WebSocketTransport;
 
-/// Bytes the WebSocket reader buffers per connection; tungstenite's default (128 KiB) would
-/// dominate per-connection memory. Client frames are small (heartbeats, joins, broadcasts); a
-/// larger one grows the buffer for as long as it takes to read it.
-const WS_READ_BUFFER: usize = 1024;
+/// Bytes the WebSocket reader buffers per connection (and reads at a time); tungstenite's
+/// default (128 KiB) would dominate per-connection memory. An idle connection's frames are
+/// heartbeats of about 60 bytes; a larger frame (a join, a broadcast) grows the buffer to its
+/// length while it is read, at the cost of a few more reads.
+const WS_READ_BUFFER: usize = 256;
 /// Bytes of frames gathered before a socket write: a session feeds a batch of queued messages
 /// and flushes once, so a backlog leaves in a few syscalls instead of one per message. The
 /// buffer only grows as far as a burst needs.
