@@ -14,7 +14,7 @@ const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
 let demo;
 
 before(async () => {
-  demo = await startDemo({ config: 'sse_keepalive_secs = 1\n' });
+  demo = await startDemo({ config: 'sse_keepalive_secs = 1\nmax_connections_per_user = 3\n' });
 });
 
 after(async () => {
@@ -177,6 +177,21 @@ test('refusals are HTTP statuses with a reason; the server stays healthy', async
   s.close();
   const health = await fetch(`${demo.info.http}/health`);
   assert.equal(health.status, 200);
+});
+
+test('max_connections_per_user bounds a user\'s streams: the next one is a 429 with the reason', async () => {
+  const token = demo.token({ role: 'admin', sub: 'sse-many', tenant_id: 1 });
+  const open = [];
+  for (let i = 0; i < 3; i++) {
+    const s = stream(url({ table: 'appointments', apikey: token }));
+    await waitFor(`stream ${i}`, () => s.events.some((e) => e.event === 'ready'));
+    open.push(s);
+  }
+  const over = stream(url({ table: 'appointments', apikey: token }));
+  await waitFor('the refusal', () => over.error() !== undefined);
+  assert.equal(over.status(), 429);
+  assert.match(over.error(), /too many connections for this user: at most 3/);
+  open.forEach((s) => s.close());
 });
 
 test('a token that expires ends the stream with a closing event naming it', async () => {
