@@ -223,11 +223,6 @@ impl Recovery {
         drop(expired);
     }
 
-    /// Sessions parked now.
-    pub fn parked(&self) -> usize {
-        self.lock().values().filter(|slot| matches!(slot, Slot::Parked(_))).count()
-    }
-
     /// Ends every parked session (server shutdown).
     pub fn clear(&self) {
         let all: Vec<Slot> = self.lock().drain().map(|(_, slot)| slot).collect();

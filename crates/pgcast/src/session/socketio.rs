@@ -377,20 +377,12 @@ impl<T: Transport> Session<SocketIo, T> {
         for message in missed {
             self.transport.feed(message).await?;
         }
+        // Then what was queued while it was parked, written as the session writes any batch
+        // (and flushed with the missed events).
         let mut queued = Vec::new();
         self.core.handle.queue().take(&mut queued, usize::MAX);
         self.protocol.outgoing(&queued);
-        for entry in queued {
-            match entry.frames {
-                Frames::One(message) => self.transport.feed(message).await?,
-                Frames::Run(run) => {
-                    for message in run.iter() {
-                        self.transport.feed(message.clone()).await?;
-                    }
-                }
-            }
-        }
-        self.transport.flush().await?;
+        self.write_batch(&mut queued).await?;
         self.send_packet(&connect_reply(&sid, pid)).await?;
         metrics::counter!("pgcast_socketio_recoveries_total", "result" => "recovered").increment(1);
         self.core
