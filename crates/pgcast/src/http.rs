@@ -187,16 +187,16 @@ async fn websocket(
         .write_buffer_size(WS_WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            // One expression, no named locals: a local moved into the awaited future would
-            // still take its own room in this task for the connection's whole life.
-            crate::session::supervise::run(Session::new(
+        .on_upgrade(move |socket| {
+            // A combinator, not an async block: a block would keep what it captured (the
+            // socket, the state) beside the session's future for the connection's whole life.
+            use futures_util::FutureExt;
+            let session = Session::new(
                 Core::new(state, peer, wire, apikey, unauthenticated),
                 Phoenix { vsn: wire.vsn() },
                 WebSocketTransport::new(socket),
-            ))
-            .await;
-            drop(guard);
+            );
+            crate::session::supervise::run(session).map(move |()| drop(guard))
         })
 }
 
