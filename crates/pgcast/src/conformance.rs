@@ -79,7 +79,7 @@ async fn engine_echo(mut transport: EngineTransport) {
             Incoming::Binary(bytes) => Message::Binary(bytes),
             Incoming::Control => continue,
             Incoming::Close => return transport.closed_by_client().await,
-            Incoming::TooBig | Incoming::Gone => return,
+            Incoming::TooBig | Incoming::Gone | Incoming::Invalid(_) => return,
         };
         if transport.send(message).await.is_err() {
             return;
@@ -137,7 +137,7 @@ async fn socketio_echo(mut transport: EngineTransport, _handshake: Handshake) {
             }
             Incoming::Control => continue,
             Incoming::Close => return transport.closed_by_client().await,
-            Incoming::TooBig | Incoming::Gone => return,
+            Incoming::TooBig | Incoming::Gone | Incoming::Invalid(_) => return,
         };
         let replies = match echo(&mut connected, packet, attachments) {
             Ok(replies) => replies,

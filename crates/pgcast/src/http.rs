@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -31,9 +30,10 @@ use crate::session::sse::Sse;
 use crate::session::{Core, JoinError, JoinRequest, Rules, Session, Unauthenticated};
 use crate::transport::engineio::{EngineConfig, Engines, Spawn};
 use crate::transport::sse::SseTransport;
-use crate::transport::WebSocketTransport;
+use crate::transport::websocket::WebSocketUpgrade;
 
-/// Bytes the WebSocket reader buffers per connection (and reads at a time); tungstenite's
+/// Bytes Engine.IO's WebSocket reader (tungstenite's) buffers per connection (and reads at a
+/// time; the Supabase endpoint's own WebSocket holds none while idle); tungstenite's
 /// default (128 KiB) would dominate per-connection memory. An idle connection's frames are
 /// heartbeats of about 60 bytes; a larger frame (a join, a broadcast) grows the buffer to its
 /// length while it is read, at the cost of a few more reads.
@@ -180,24 +180,19 @@ async fn websocket(
     // for the connection's whole life.
     state.audit.record(AuditEvent::new(Action::Connect).identity(identity.as_ref()).peer(Some(peer)));
     drop(identity);
-    let max = state.config.max_message_bytes;
     let guard = state.session_guard();
-    upgrade
-        .read_buffer_size(WS_READ_BUFFER)
-        .write_buffer_size(WS_WRITE_BUFFER)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| {
-            // A combinator, not an async block: a block would keep what it captured (the
-            // socket, the state) beside the session's future for the connection's whole life.
-            use futures_util::FutureExt;
-            let session = Session::new(
-                Core::new(state, peer, wire, apikey, unauthenticated),
-                Phoenix { vsn: wire.vsn() },
-                WebSocketTransport::new(socket),
-            );
-            crate::session::supervise::run(session).map(move |()| drop(guard))
-        })
+    let max = state.config.max_message_bytes;
+    upgrade.on_upgrade(max, move |socket| {
+        // A combinator, not an async block: a block would keep what it captured (the state,
+        // the apikey) beside the session's future for the connection's whole life.
+        use futures_util::FutureExt;
+        let session = Session::new(
+            Core::new(state, peer, wire, apikey, unauthenticated),
+            Phoenix { vsn: wire.vsn() },
+            socket,
+        );
+        crate::session::supervise::run(session).map(move |()| drop(guard))
+    })
 }
 
 /// `GET /realtime/v1/sse?schema=&table=&event=&filter=`: one table's changes as Server-Sent

@@ -36,7 +36,13 @@ impl Shutdown {
 
     /// Returns once shutdown was triggered (at once if it already was).
     pub async fn wait(&mut self) {
-        // An error means every trigger was dropped: treat it as shutdown too.
-        let _ = self.rx.wait_for(|&stop| stop).await;
+        // `changed` rather than `wait_for`: this future sits in every connection's task, and
+        // `wait_for`'s is twice the size.
+        while !*self.rx.borrow_and_update() {
+            // An error means every trigger was dropped: treat it as shutdown too.
+            if self.rx.changed().await.is_err() {
+                return;
+            }
+        }
     }
 }

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::audit::AuditEvent;
 use crate::auth::Identity;
-use crate::outbound::{close_code, Frames, Outbound, SessionHandle};
+use crate::outbound::{close_code, Outbound, SessionHandle};
 use crate::protocol::Wire;
 use crate::router::index::Subscription;
 use crate::router::policy::ChannelAccess;
@@ -547,6 +547,9 @@ impl<P: Protocol, T: Transport> Session<P, T> {
                             let max = self.core.state.config.max_message_bytes;
                             return Ending::Close(close_code::TOO_BIG, format!("message larger than {max} bytes"));
                         }
+                        Incoming::Invalid(error) => {
+                            return Ending::Close(error.close_code(), format!("protocol error: {error}"));
+                        }
                         frame => frame,
                     };
                     let handled = match self.core.admit_frame() {
@@ -605,17 +608,7 @@ impl<P: Protocol, T: Transport> Session<P, T> {
     async fn write_batch(&mut self, batch: &mut Vec<Outbound>) -> Result<(), TransportError> {
         let oldest = batch.iter().map(|m| m.commit_time_micros).min().unwrap_or(0);
         let count: usize = batch.iter().map(|m| m.frames.len()).sum();
-        for entry in batch.drain(..) {
-            match entry.frames {
-                Frames::One(message) => self.transport.feed(message).await?,
-                Frames::Run(run) => {
-                    for message in run.iter() {
-                        self.transport.feed(message.clone()).await?;
-                    }
-                }
-            }
-        }
-        self.transport.flush().await?;
+        self.transport.write_batch(batch).await?;
         let meters = write_meters(self.core.handle.wire);
         meters.sent.increment(count as u64);
         if oldest > 0 {

@@ -12,7 +12,10 @@ use std::time::Duration;
 use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
 
+use crate::outbound::{Frames, Outbound};
+
 pub mod engineio;
+pub mod frame;
 pub mod sse;
 pub mod websocket;
 
@@ -35,6 +38,9 @@ pub enum Incoming {
     TooBig,
     /// The connection is gone (closed without a close frame, or broken).
     Gone,
+    /// The client broke the WebSocket protocol (RFC 6455); the connection cannot continue and
+    /// is closed with the error's code and reason.
+    Invalid(frame::FrameError),
 }
 
 /// The connection could not be written: it is gone.
@@ -59,6 +65,26 @@ pub trait Transport: Send {
 
     /// The client closed: flush what the transport owes it in reply.
     fn closed_by_client(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Feeds a batch of queued messages, in order, and flushes once; `batch` is left empty.
+    fn write_batch(
+        &mut self,
+        batch: &mut Vec<Outbound>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        async move {
+            for entry in batch.drain(..) {
+                match entry.frames {
+                    Frames::One(message) => self.feed(message).await?,
+                    Frames::Run(run) => {
+                        for message in run.iter() {
+                            self.feed(message.clone()).await?;
+                        }
+                    }
+                }
+            }
+            self.flush().await
+        }
+    }
 
     /// Feeds and flushes one frame.
     fn send(&mut self, message: Message) -> impl Future<Output = Result<(), TransportError>> + Send {
