@@ -365,6 +365,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 /// Keeps gauges fresh and runs the exporter's upkeep.
 async fn upkeep(state: Arc<AppState>, mut shutdown: Shutdown) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -374,6 +375,27 @@ async fn upkeep(state: Arc<AppState>, mut shutdown: Shutdown) {
         state.hub.prune();
         metrics::gauge!("pgcast_broadcast_history_bytes").set(state.hub.history_bytes() as f64);
         state.metrics.run_upkeep();
+        ticks += 1;
+        if ticks.is_multiple_of(TRIM_EVERY_TICKS) {
+            tokio::task::spawn_blocking(give_back_free_memory);
+        }
+    }
+}
+
+/// Upkeep ticks (seconds) between two [`give_back_free_memory`] calls.
+const TRIM_EVERY_TICKS: u64 = 5;
+
+/// Hands the allocator's free pages back to the system. glibc keeps what was freed inside its
+/// heaps (a join storm's transient buffers, a burst's queues) mapped for good, so without this
+/// the process stays at its peak and memory per connection depends on what happened before;
+/// `malloc_trim` releases every whole free page, also in the middle of a heap. Off the
+/// runtime's threads: it walks the heaps (measured: 0.1-0.2 ms, 2 ms once, with 10,100
+/// connections at 2,000 commits/s; the fanout's latency did not move).
+fn give_back_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions; it only takes glibc's own heap locks.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
