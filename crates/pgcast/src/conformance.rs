@@ -35,7 +35,6 @@ pub fn engine_config() -> EngineConfig {
         ping_interval: Duration::from_millis(300),
         ping_timeout: Duration::from_millis(200),
         max_payload: 1_000_000,
-        ..EngineConfig::default()
     }
 }
 
@@ -68,7 +67,16 @@ pub fn routes() -> Router {
 pub async fn serve(listen: SocketAddr) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "conformance server listening (/engine.io/, /socket.io/)");
-    axum::serve(listener, routes().into_make_service_with_connect_info::<SocketAddr>()).await
+    // The server's own accept loop (HTTP/1.1 on plain TCP), which the WebSocket transport
+    // takes its stream back from; never shut down: the process is stopped.
+    let limits = crate::accept::Limits {
+        header_timeout: Duration::from_secs(10),
+        max_pending: 1024,
+        max_pending_per_ip: 1024,
+    };
+    let (_trigger, shutdown) = crate::shutdown::channel();
+    crate::accept::serve(listener, routes(), limits, shutdown).await;
+    Ok(())
 }
 
 /// Engine.IO echo: every message back as it came.

@@ -32,17 +32,6 @@ use crate::transport::engineio::{EngineConfig, Engines, Spawn};
 use crate::transport::sse::SseTransport;
 use crate::transport::websocket::WebSocketUpgrade;
 
-/// Bytes Engine.IO's WebSocket reader (tungstenite's) buffers per connection (and reads at a
-/// time; the Supabase endpoint's own WebSocket holds none while idle); tungstenite's
-/// default (128 KiB) would dominate per-connection memory. An idle connection's frames are
-/// heartbeats of about 60 bytes; a larger frame (a join, a broadcast) grows the buffer to its
-/// length while it is read, at the cost of a few more reads.
-const WS_READ_BUFFER: usize = 256;
-/// Bytes of frames gathered before a socket write: a session feeds a batch of queued messages
-/// and flushes once, so a backlog leaves in a few syscalls instead of one per message. The
-/// buffer only grows as far as a burst needs.
-const WS_WRITE_BUFFER: usize = 16 * 1024;
-
 pub fn routes(state: Arc<AppState>) -> Router {
     let engines = socketio_engines(&state);
     let socketio = any(move |ConnectInfo(peer): ConnectInfo<SocketAddr>, request: axum::extract::Request| {
@@ -71,8 +60,6 @@ fn socketio_engines(state: &Arc<AppState>) -> Arc<Engines> {
         ping_interval: state.config.socketio.ping_interval,
         ping_timeout: state.config.socketio.ping_timeout,
         max_payload: state.config.max_message_bytes,
-        read_buffer: WS_READ_BUFFER,
-        write_buffer: WS_WRITE_BUFFER,
     };
     let recovery = Arc::new(Recovery::new(state.config.socketio.recovery_window));
     if recovery.enabled() {

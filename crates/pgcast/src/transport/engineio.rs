@@ -18,15 +18,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::Message;
 use axum::extract::FromRequestParts;
 use axum::http::{header, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use futures_util::SinkExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::websocket::{WebSocketTransport, WebSocketUpgrade};
 use super::{Incoming, Transport, TransportError, CLOSE_TIMEOUT};
 use crate::protocol::socketio::{self as codec, EnginePacket};
 
@@ -41,9 +41,6 @@ pub struct EngineConfig {
     /// Largest polling body or WebSocket message accepted, and the most bytes buffered for a
     /// client between polls.
     pub max_payload: usize,
-    /// WebSocket read buffer (grown only while a larger frame is read).
-    pub read_buffer: usize,
-    pub write_buffer: usize,
 }
 
 impl Default for EngineConfig {
@@ -52,8 +49,6 @@ impl Default for EngineConfig {
             ping_interval: Duration::from_secs(25),
             ping_timeout: Duration::from_secs(20),
             max_payload: 1_000_000,
-            read_buffer: 1024,
-            write_buffer: 16 * 1024,
         }
     }
 }
@@ -104,7 +99,7 @@ enum Request2Session {
     /// room for 32 requests per session up front, and every variant is a pointer this way.
     Post(Box<(bytes::Bytes, oneshot::Sender<PostReply>)>),
     /// A WebSocket opened with this session's `sid`: the upgrade probe.
-    Upgrade(Box<WebSocket>),
+    Upgrade(Box<WebSocketTransport>),
     /// The client sent what ends the session (a body over `max_payload`).
     Abort,
 }
@@ -286,7 +281,7 @@ impl Engines {
     fn open_websocket(self: &Arc<Engines>, handshake: Handshake, upgrade: WebSocketUpgrade) -> Response {
         let engines = self.clone();
         let max = self.config.max_payload;
-        configure(upgrade, &self.config).max_message_size(max).on_upgrade(move |mut socket| async move {
+        upgrade.on_upgrade(max, move |mut socket| async move {
             let open = engines.open_packet(&handshake.sid, false);
             if socket.send(Message::Text(open.into())).await.is_err() {
                 return;
@@ -302,23 +297,21 @@ impl Engines {
     /// A WebSocket for an existing session: the probe of an upgrade. A session that already has
     /// its WebSocket gets this one accepted and closed at once (as engine.io does).
     fn upgrade_existing(&self, shared: Arc<Shared>, upgrade: WebSocketUpgrade) -> Response {
-        configure(upgrade, &self.config).max_message_size(self.config.max_payload).on_upgrade(
-            move |mut socket| async move {
-                if shared.upgraded.load(std::sync::atomic::Ordering::Acquire) {
-                    let _ = socket.send(Message::Close(None)).await;
-                    return;
-                }
-                let Some(requests) = &shared.requests else {
-                    let _ = socket.send(Message::Close(None)).await;
-                    return;
-                };
-                if let Err(mpsc::error::SendError(Request2Session::Upgrade(mut socket))) =
-                    requests.send(Request2Session::Upgrade(Box::new(socket))).await
-                {
-                    let _ = socket.send(Message::Close(None)).await;
-                }
-            },
-        )
+        upgrade.on_upgrade(self.config.max_payload, move |mut socket| async move {
+            if shared.upgraded.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = socket.send(Message::Close(None)).await;
+                return;
+            }
+            let Some(requests) = &shared.requests else {
+                let _ = socket.send(Message::Close(None)).await;
+                return;
+            };
+            if let Err(mpsc::error::SendError(Request2Session::Upgrade(mut socket))) =
+                requests.send(Request2Session::Upgrade(Box::new(socket))).await
+            {
+                let _ = socket.send(Message::Close(None)).await;
+            }
+        })
     }
 
     async fn post(&self, shared: &Shared, body: Body) -> Response {
@@ -345,10 +338,6 @@ impl Engines {
             Ok(PostReply::Invalid) | Err(_) => EngineError::BadRequest.response(),
         }
     }
-}
-
-fn configure(upgrade: WebSocketUpgrade, config: &EngineConfig) -> WebSocketUpgrade {
-    upgrade.read_buffer_size(config.read_buffer).write_buffer_size(config.write_buffer)
 }
 
 async fn poll(shared: &Shared) -> Response {
@@ -391,7 +380,7 @@ enum Mode {
         /// A poll waiting for packets.
         waiting: Option<oneshot::Sender<PollReply>>,
     },
-    WebSocket(WebSocket),
+    WebSocket(WebSocketTransport),
 }
 
 impl Mode {
@@ -408,7 +397,7 @@ pub struct EngineTransport {
     requests: Option<mpsc::Receiver<Request2Session>>,
     mode: Mode,
     /// A WebSocket probing an upgrade (`2probe` answered, `5` not yet received).
-    probe: Option<Box<WebSocket>>,
+    probe: Option<Box<WebSocketTransport>>,
     /// Messages taken from a posted payload, not yet returned by `recv`.
     stash: VecDeque<Incoming>,
     /// Packets that waited for a poll when the session upgraded, to go over the WebSocket.
@@ -568,10 +557,10 @@ impl EngineTransport {
     ///
     /// Like everything `recv` awaits, cancel-safe: the loop drops `recv` whenever its queue
     /// has something to write, so no state is held across an await but in `self`.
-    async fn probe_frame(&mut self, frame: Option<Result<Message, axum::Error>>) -> Result<(), ()> {
+    async fn probe_frame(&mut self, frame: Incoming) -> Result<(), ()> {
         let packet = match frame {
-            Some(Ok(Message::Text(text))) => codec::decode_text(text.as_str()).map_err(|_| ())?,
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(()),
+            Incoming::Text(text) => codec::decode_text(text.as_str()).map_err(|_| ())?,
+            Incoming::Control => return Ok(()),
             _ => return Err(()),
         };
         match packet {
@@ -615,15 +604,12 @@ impl EngineTransport {
     /// `carry` only once the socket took it.
     async fn drain_carry(&mut self) -> Result<(), TransportError> {
         let Mode::WebSocket(socket) = &mut self.mode else { return Ok(()) };
-        while !self.carry.is_empty() {
-            std::future::poll_fn(|cx| socket.poll_ready_unpin(cx))
-                .await
-                .map_err(|e| TransportError(e.into_inner()))?;
-            if let Some(message) = self.carry.pop_front() {
-                socket.start_send_unpin(message).map_err(|e| TransportError(e.into_inner()))?;
-            }
+        // Fed frames are the socket's to write from then on (a cancelled flush leaves them
+        // queued there for the next one).
+        while let Some(message) = self.carry.pop_front() {
+            socket.feed(message).await?;
         }
-        socket.flush().await.map_err(|e| TransportError(e.into_inner()))
+        socket.flush().await
     }
 
     /// The ping timer fired: a ping goes out, or (one was out) the session is dead.
@@ -652,14 +638,14 @@ async fn next_request(requests: &mut Option<mpsc::Receiver<Request2Session>>) ->
 }
 
 /// The next frame of an optional WebSocket (pending forever without one).
-async fn next_frame(socket: &mut Option<Box<WebSocket>>) -> Option<Result<Message, axum::Error>> {
+async fn next_frame(socket: &mut Option<Box<WebSocketTransport>>) -> Incoming {
     match socket {
         Some(socket) => socket.recv().await,
         None => std::future::pending().await,
     }
 }
 
-async fn next_ws_frame(mode: &mut Mode) -> Option<Result<Message, axum::Error>> {
+async fn next_ws_frame(mode: &mut Mode) -> Incoming {
     match mode {
         Mode::WebSocket(socket) => socket.recv().await,
         Mode::Polling { .. } => std::future::pending().await,
@@ -687,18 +673,10 @@ impl Transport for EngineTransport {
                 }
                 frame = next_ws_frame(&mut self.mode) => {
                     let packet = match frame {
-                        Some(Ok(Message::Text(text))) => codec::decode_text(text.as_str()),
-                        Some(Ok(Message::Binary(bytes))) => Ok(codec::decode_binary(&bytes)),
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                        Some(Ok(Message::Close(_))) => return Incoming::Close,
-                        Some(Err(e)) => {
-                            let error = e.into_inner();
-                            if matches!(error.downcast_ref(), Some(tungstenite::Error::Capacity(_))) {
-                                return Incoming::TooBig;
-                            }
-                            return Incoming::Gone;
-                        }
-                        None => return Incoming::Gone,
+                        Incoming::Text(text) => codec::decode_text(text.as_str()),
+                        Incoming::Binary(bytes) => Ok(codec::decode_binary(&bytes)),
+                        Incoming::Control => continue,
+                        ended => return ended,
                     };
                     match packet.map_err(|_| ()).and_then(|p| self.client_packet(p)) {
                         Ok(Some(incoming)) => return incoming,
@@ -732,7 +710,7 @@ impl Transport for EngineTransport {
         }
         let max = self.config().max_payload;
         match &mut self.mode {
-            Mode::WebSocket(socket) => socket.feed(message).await.map_err(|e| TransportError(e.into_inner())),
+            Mode::WebSocket(socket) => socket.feed(message).await,
             Mode::Polling { out, .. } => {
                 if !out.is_empty() {
                     out.push(codec::RECORD_SEPARATOR);
@@ -756,7 +734,7 @@ impl Transport for EngineTransport {
 
     async fn flush(&mut self) -> Result<(), TransportError> {
         match &mut self.mode {
-            Mode::WebSocket(socket) => socket.flush().await.map_err(|e| TransportError(e.into_inner())),
+            Mode::WebSocket(socket) => socket.flush().await,
             Mode::Polling { out, waiting } => {
                 if !out.is_empty() {
                     if let Some(waiting) = waiting.take() {
@@ -805,7 +783,7 @@ impl Transport for EngineTransport {
 
     async fn closed_by_client(&mut self) {
         if let Mode::WebSocket(socket) = &mut self.mode {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.close()).await;
+            socket.closed_by_client().await;
         }
     }
 }

@@ -1,6 +1,7 @@
-//! The plain WebSocket (RFC 6455, server side) the Supabase Realtime endpoint speaks: the
-//! upgrade handshake, then frames straight over the connection's `TcpStream`. One protocol
-//! frame per WebSocket message; the close handshake in both directions.
+//! The WebSocket (RFC 6455, server side) of both endpoints: the upgrade handshake, then frames
+//! straight over the connection's `TcpStream`. The Supabase endpoint's session uses it as its
+//! transport (one protocol frame per WebSocket message); Engine.IO runs over it once a session
+//! is on a WebSocket (`engineio.rs`). The close handshake in both directions.
 //!
 //! Own code rather than tungstenite's (which axum wraps) for what an idle connection costs:
 //! tungstenite keeps a read buffer, a write buffer that never shrinks, two waker proxies and a
