@@ -310,7 +310,9 @@ impl WebSocketTransport {
             // Room for the frame being read (bounded), or a chunk: allocated only now that
             // there is something to read.
             let want = match frame::parse_header(&self.read) {
-                Ok(Some(h)) if self.skip == 0 => (h.header_len as u64 + h.len) as usize - self.read.len(),
+                Ok(Some(h)) if self.skip == 0 => usize::try_from(h.header_len as u64 + h.len)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(self.read.len()),
                 _ => READ_CHUNK,
             };
             self.read.reserve(want.clamp(READ_CHUNK, MAX_READ_CHUNK));
