@@ -22,6 +22,8 @@ pub use queue::{PushError, Queue};
 pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
     pub const TOO_BIG: u16 = 1009;
+    /// The client broke the WebSocket protocol (RFC 6455 7.4.1).
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// The client did not read fast enough and its queue filled.
     pub const SLOW_CONSUMER: u16 = 4000;
     pub const HEARTBEAT_TIMEOUT: u16 = 4001;

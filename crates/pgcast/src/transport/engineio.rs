@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use super::websocket::{WebSocketTransport, WebSocketUpgrade};
 use super::{Incoming, Transport, TransportError, CLOSE_TIMEOUT};
+use crate::outbound::Outbound;
 use crate::protocol::socketio::{self as codec, EnginePacket};
 
 /// How long a client's close over polling waits for the poll it may have in flight.
@@ -730,6 +731,18 @@ impl Transport for EngineTransport {
                 Ok(())
             }
         }
+    }
+
+    async fn write_batch(&mut self, batch: &mut Vec<Outbound>) -> Result<(), TransportError> {
+        if !self.carry.is_empty() {
+            self.drain_carry().await?;
+        }
+        // On its WebSocket, the batch goes as the WebSocket writes one (queued, one writev);
+        // only polling gathers it message by message.
+        if let Mode::WebSocket(socket) = &mut self.mode {
+            return socket.write_batch(batch).await;
+        }
+        super::feed_batch(self, batch).await
     }
 
     async fn flush(&mut self) -> Result<(), TransportError> {

@@ -5,6 +5,8 @@
 //! Not the connection: reading, writing, fragmentation and the close handshake are
 //! `websocket.rs`'s.
 
+use crate::outbound::close_code;
+
 /// Frame opcodes (RFC 6455 5.2).
 pub mod opcode {
     pub const CONTINUATION: u8 = 0x0;
@@ -54,8 +56,8 @@ impl FrameError {
     /// The close code the server answers this error with (RFC 6455 7.4.1).
     pub fn close_code(self) -> u16 {
         match self {
-            FrameError::Utf8 => 1007,
-            _ => 1002,
+            FrameError::Utf8 => close_code::INVALID_PAYLOAD,
+            _ => close_code::PROTOCOL_ERROR,
         }
     }
 }

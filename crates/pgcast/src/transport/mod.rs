@@ -71,19 +71,7 @@ pub trait Transport: Send {
         &mut self,
         batch: &mut Vec<Outbound>,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
-        async move {
-            for entry in batch.drain(..) {
-                match entry.frames {
-                    Frames::One(message) => self.feed(message).await?,
-                    Frames::Run(run) => {
-                        for message in run.iter() {
-                            self.feed(message.clone()).await?;
-                        }
-                    }
-                }
-            }
-            self.flush().await
-        }
+        feed_batch(self, batch)
     }
 
     /// Feeds and flushes one frame.
@@ -93,4 +81,22 @@ pub trait Transport: Send {
             self.flush().await
         }
     }
+}
+
+/// [`Transport::write_batch`] message by message: each fed, then one flush.
+pub(crate) async fn feed_batch<T: Transport + ?Sized>(
+    transport: &mut T,
+    batch: &mut Vec<Outbound>,
+) -> Result<(), TransportError> {
+    for entry in batch.drain(..) {
+        match entry.frames {
+            Frames::One(message) => transport.feed(message).await?,
+            Frames::Run(run) => {
+                for message in run.iter() {
+                    transport.feed(message.clone()).await?;
+                }
+            }
+        }
+    }
+    transport.flush().await
 }
