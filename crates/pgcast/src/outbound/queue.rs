@@ -2,9 +2,12 @@
 //! messages without waiting, the session's writer takes them in batches.
 //!
 //! Unlike a tokio mpsc channel (which allocates a block of slots up front), it holds no memory
-//! while empty, and gives back what a burst made it grow: idle connections are the common case
-//! and each one's footprint counts. It is not a general channel: one consumer, and a full queue
-//! is an error for the producer (the session is then cut off), never a wait.
+//! once its session has been quiet for a moment ([`Queue::trim`]), and gives back what a burst
+//! made it grow: idle connections are the common case and each one's footprint counts. A busy
+//! session's queue keeps its buffer between batches: the producer (the hub, pushing one
+//! broadcast to ten thousand queues on one thread) then never allocates. It is not a general
+//! channel: one consumer, and a full queue is an error for the producer (the session is then
+//! cut off), never a wait.
 //!
 //! "Full" counts frames, not entries, and not the entry the writer takes next: an entry (even
 //! a transaction of 50,000 rows) is always accepted into an empty queue, and a push is refused
@@ -18,9 +21,6 @@ use std::sync::Mutex;
 use tokio::sync::Notify;
 
 use super::Outbound;
-
-/// Capacity kept after the queue drains; beyond it the buffer is released.
-const KEEP: usize = 8;
 
 /// Why a push was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -108,11 +108,16 @@ impl Queue {
         }
         if entries > 0 {
             state.frames -= frames;
-            if state.items.is_empty() {
-                state.items.shrink_to(KEEP);
-            }
         }
         entries
+    }
+
+    /// Gives back the buffer if nothing is queued (the session calls it once it has been quiet).
+    pub fn trim(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.items.is_empty() {
+            state.items = VecDeque::new();
+        }
     }
 
     /// Refuses further pushes and drops what is queued.
@@ -156,6 +161,24 @@ mod tests {
         assert_eq!(order, [1, 2, 3, 4]);
         queue.close();
         assert_eq!(queue.try_push(item(6)), Err(PushError::Closed));
+    }
+
+    #[test]
+    fn a_drained_queue_keeps_its_buffer_until_trimmed_and_a_trim_keeps_what_waits() {
+        let queue = Queue::new(100);
+        let capacity = |q: &Queue| q.state.lock().unwrap().items.capacity();
+        for n in 0..40 {
+            queue.try_push(item(n)).unwrap();
+        }
+        let mut out = Vec::new();
+        assert_eq!(queue.take(&mut out, 64), 40);
+        assert!(capacity(&queue) >= 40, "kept for the next batch: the producer does not allocate");
+        queue.try_push(item(41)).unwrap();
+        queue.trim();
+        assert!(capacity(&queue) >= 1, "an entry waits: nothing given back");
+        assert_eq!(queue.take(&mut out, 64), 1);
+        queue.trim();
+        assert_eq!(capacity(&queue), 0, "quiet and empty: nothing held");
     }
 
     #[test]

@@ -55,6 +55,9 @@ impl Sent {
     /// every member of a room on every broadcast, so it reads one clock and parses nothing.
     pub fn record(&mut self, messages: impl Iterator<Item = Message>, window: Duration) {
         let now = Instant::now();
+        while self.events.front().is_some_and(|(at, _)| now.duration_since(*at) > window)
+            && self.drop_oldest()
+        {}
         for message in messages {
             let (event, binary_event) = match &message {
                 // What `recoverable_event` and `binary_event` write: they end with an offset.
@@ -67,24 +70,27 @@ impl Sent {
             };
             self.attachment_due = binary_event;
             if event || matches!(message, Message::Binary(_)) {
+                // Room is made before the push: the buffer never grows past SENT_MAX (pushing
+                // first doubled it, for every member of a busy room).
+                while self.events.len() >= SENT_MAX && self.drop_oldest() {}
                 self.events.push_back((now, message));
             }
         }
-        while self.events.len() > SENT_MAX
-            || self.events.front().is_some_and(|(at, _)| now.duration_since(*at) > window)
-        {
-            // The newest event (with its attachment) stays: its offset is the one an `error`
-            // event repeats.
-            if self.events.iter().skip(1).all(|(_, m)| matches!(m, Message::Binary(_))) {
-                break;
-            }
-            self.events.pop_front();
-            // An attachment goes with its event.
-            while self.events.front().is_some_and(|(_, m)| matches!(m, Message::Binary(_))) {
-                self.events.pop_front();
-            }
-            self.trimmed = true;
+    }
+
+    /// Drops the oldest event (with its attachment), unless only the newest is left: its offset
+    /// is the one an `error` event repeats. Returns whether one was dropped.
+    fn drop_oldest(&mut self) -> bool {
+        if self.events.iter().skip(1).all(|(_, m)| matches!(m, Message::Binary(_))) {
+            return false;
         }
+        self.events.pop_front();
+        // An attachment goes with its event.
+        while self.events.front().is_some_and(|(_, m)| matches!(m, Message::Binary(_))) {
+            self.events.pop_front();
+        }
+        self.trimmed = true;
+        true
     }
 
     /// The offset of the newest event written, [`START`] before any.
@@ -268,6 +274,11 @@ mod tests {
     fn past_its_bound_the_oldest_go_and_a_client_that_read_nothing_is_not_served() {
         let mut sent = Sent::default();
         sent.record((0..SENT_MAX + 5).map(|i| event(&format!("o{i}"))), Duration::from_secs(60));
+        assert_eq!(sent.events.len(), SENT_MAX);
+        assert!(
+            sent.events.capacity() < 2 * SENT_MAX,
+            "room made before each push: the buffer never doubles"
+        );
         assert!(sent.after(Some("o0")).is_none(), "dropped from the front");
         assert!(sent.after(None).is_none(), "from the start is no longer exact");
         let last = format!("o{}", SENT_MAX + 3);

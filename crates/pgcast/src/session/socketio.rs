@@ -382,7 +382,7 @@ impl<T: Transport> Session<SocketIo, T> {
         let mut queued = Vec::new();
         self.core.handle.queue().take(&mut queued, usize::MAX);
         self.protocol.outgoing(&queued);
-        self.write_batch(&mut queued).await?;
+        self.write_batch(&mut queued, false).await?;
         self.send_packet(&connect_reply(&sid, pid)).await?;
         metrics::counter!("pgcast_socketio_recoveries_total", "result" => "recovered").increment(1);
         self.core

@@ -745,6 +745,12 @@ impl Transport for EngineTransport {
         super::feed_batch(self, batch).await
     }
 
+    fn trim(&mut self) {
+        if let Mode::WebSocket(socket) = &mut self.mode {
+            socket.trim();
+        }
+    }
+
     async fn flush(&mut self) -> Result<(), TransportError> {
         match &mut self.mode {
             Mode::WebSocket(socket) => socket.flush().await,

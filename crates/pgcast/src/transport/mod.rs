@@ -74,6 +74,10 @@ pub trait Transport: Send {
         feed_batch(self, batch)
     }
 
+    /// Gives back the buffers writes grew, if nothing waits in them (the session calls it once
+    /// the connection has been quiet for a moment; busy connections keep theirs).
+    fn trim(&mut self) {}
+
     /// Feeds and flushes one frame.
     fn send(&mut self, message: Message) -> impl Future<Output = Result<(), TransportError>> + Send {
         async move {

@@ -250,8 +250,9 @@ impl WebSocketTransport {
                 // Answered now, not with the next write (which may be a long way off). What
                 // the socket does not take now goes with the next flush; a broken socket shows
                 // on the next read.
-                if let Err(e) = self.write_some() {
-                    tracing::trace!(error = %e, "pong not written yet");
+                match self.write_some() {
+                    Ok(()) => Transport::trim(self),
+                    Err(e) => tracing::trace!(error = %e, "pong not written yet"),
                 }
                 return Some(Incoming::Control);
             }
@@ -346,7 +347,9 @@ impl WebSocketTransport {
         self.out.push_back(out);
     }
 
-    /// Writes as much of what was fed as the socket takes now, without waiting.
+    /// Writes as much of what was fed as the socket takes now, without waiting. The queue keeps
+    /// its capacity for the next write: the session gives it back ([`Transport::trim`]) once
+    /// the connection is quiet.
     fn write_some(&mut self) -> io::Result<()> {
         while !self.out.is_empty() {
             let mut slices = [IoSlice::new(&[]); 2 * WRITE_SLICES];
@@ -379,8 +382,6 @@ impl WebSocketTransport {
             self.written = done;
         }
         self.written = 0;
-        // Idle connections keep no queue.
-        self.out = VecDeque::new();
         Ok(())
     }
 
@@ -446,7 +447,16 @@ impl Transport for WebSocketTransport {
     }
 
     async fn flush(&mut self) -> Result<(), TransportError> {
-        self.write_all().await
+        self.write_all().await?;
+        // What is flushed outside a batch (replies) is small: nothing kept.
+        self.trim();
+        Ok(())
+    }
+
+    fn trim(&mut self) {
+        if self.out.is_empty() {
+            self.out = VecDeque::new();
+        }
     }
 
     async fn close(&mut self, code: u16, reason: &str) {
