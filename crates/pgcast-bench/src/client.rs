@@ -97,8 +97,10 @@ pub enum Standing {
     Lost = 3,
 }
 
-/// Per-client counters, read by the process's stage accounting.
+/// Per-client counters, read by the process's stage accounting. A cache line each: clients on
+/// different threads must not contend on their neighbours' counters.
 #[derive(Default)]
+#[repr(align(64))]
 pub struct ClientSlot {
     standing: AtomicU8,
     pub received: AtomicU64,
@@ -124,8 +126,9 @@ impl ClientSlot {
 pub struct Shared {
     pub slots: Box<[ClientSlot]>,
     pub latency: Recorder,
+    /// The first delivery's time (the last one's is the latest of the slots', kept there: a
+    /// shared "latest" would be written on every delivery by every thread).
     pub first_received_us: AtomicU64,
-    pub last_received_us: AtomicU64,
     pub connected: AtomicU64,
     pub connect_errors: AtomicU64,
     pub connect_retries: AtomicU64,
@@ -144,7 +147,6 @@ impl Shared {
             slots: (0..clients).map(|_| ClientSlot::default()).collect(),
             latency: Recorder::default(),
             first_received_us: AtomicU64::new(u64::MAX),
-            last_received_us: AtomicU64::new(0),
             connected: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
             connect_retries: AtomicU64::new(0),
@@ -173,7 +175,6 @@ impl Shared {
         slot.received.fetch_add(1, Ordering::Relaxed);
         slot.last_received_us.store(now, Ordering::Relaxed);
         crate::histogram::lower_to(&self.first_received_us, now);
-        crate::histogram::raise_to(&self.last_received_us, now);
     }
 
     pub fn stopping(&self) -> bool {

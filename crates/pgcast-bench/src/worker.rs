@@ -306,9 +306,11 @@ async fn finish_stage(spec: &WorkerSpec, shared: &Shared, expectation: &Expectat
     }
     let mut result = StageResult { drain_ms: started.elapsed().as_millis() as u64, ..Default::default() };
     let mut completions = Vec::new();
+    let mut last_received = 0;
     for (i, slot) in shared.slots.iter().enumerate() {
         let received = slot.received.swap(0, Ordering::Relaxed);
         let last = slot.last_received_us.swap(0, Ordering::Relaxed);
+        last_received = last_received.max(last);
         if !matches!(slot.standing(), Standing::Held | Standing::Lost) {
             continue;
         }
@@ -328,9 +330,8 @@ async fn finish_stage(spec: &WorkerSpec, shared: &Shared, expectation: &Expectat
     result.completion = Histogram::from_values(completions);
     result.latency = shared.latency.take();
     let first = shared.first_received_us.swap(u64::MAX, Ordering::Relaxed);
-    let last = shared.last_received_us.swap(0, Ordering::Relaxed);
     result.first_received_us = (first != u64::MAX).then_some(first);
-    result.last_received_us = (last != 0).then_some(last);
+    result.last_received_us = (last_received != 0).then_some(last_received);
     result
 }
 
