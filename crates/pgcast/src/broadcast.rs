@@ -2,7 +2,9 @@
 //!
 //! The [`Hub`] knows, per topic, which sessions joined and whether they may receive; a
 //! broadcast's payload is serialized once, encoded once per wire format (`protocol`), and the
-//! shared bytes go to every receiving member's bounded queue.
+//! shared bytes go to every receiving member's bounded queue — or, on a topic of at least
+//! [`FEED_MIN_MEMBERS`], into the topic's feed (`outbound::feed`) once, each member flagged
+//! to take it from there when its writer next runs.
 //! Presence state lives in `presence`; postgres_changes never pass through here.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -12,9 +14,15 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::Message;
 use bytes::Bytes;
 
-use crate::outbound::{Frames, Outbound, SessionHandle};
+use crate::outbound::feed::{self, Feed, Membership};
+use crate::outbound::{close_code, Frames, Outbound, SessionHandle};
 use crate::protocol::BroadcastPayload;
-use crate::protocol::{self, Body, PerWire, Place};
+use crate::protocol::{self, Body, PerWire, Place, Wire};
+
+/// Members from which a topic's broadcasts go through a feed instead of every member's queue.
+/// Below it the queue push is as cheap and the feed's entries would be memory for nothing; a
+/// topic stays fed once it is (switching back and forth could reorder a member's messages).
+pub const FEED_MIN_MEMBERS: usize = 64;
 
 /// A member's standing on one topic.
 #[derive(Debug, Clone)]
@@ -24,6 +32,14 @@ pub struct Member {
     pub can_read: bool,
     /// `config.broadcast.self`: receives its own broadcasts.
     pub receive_own: bool,
+}
+
+/// A member as the hub keeps it: with its place in the topic's feed, once the topic has one
+/// (and if it may read).
+#[derive(Debug)]
+struct Seat {
+    member: Member,
+    feed: Option<Arc<Membership>>,
 }
 
 /// A payload serialized once, for every member's frame and for the history: JSON text takes
@@ -57,6 +73,11 @@ impl Serialized {
     }
 }
 
+/// Whether `topic` broadcasts through its feed: it has one, or has reached the size for one.
+fn state_needs_feed(topics: &Topics, topic: &str) -> bool {
+    topics.map.get(topic).is_some_and(|t| t.feed.is_some() || t.members.len() >= FEED_MIN_MEMBERS)
+}
+
 /// Recent broadcasts kept per topic for resuming members (besides the byte budget).
 const RECENT_PER_TOPIC: usize = 1000;
 /// Bytes a kept broadcast costs besides its payload and event name (the entry, the index).
@@ -87,7 +108,11 @@ impl Recent {
 }
 
 struct Topic {
-    members: HashMap<u64, Member>,
+    members: HashMap<u64, Seat>,
+    /// Members per wire format (a feed entry is encoded for the formats in use).
+    wires: [usize; Wire::COUNT],
+    /// The topic's feed, made when it first broadcasts with `FEED_MIN_MEMBERS` members.
+    feed: Option<Arc<Feed>>,
     /// Sequence of the last broadcast on this topic.
     seq: u64,
     /// Broadcasts up to this sequence are not kept (evicted, or sent before the topic's state
@@ -102,7 +127,55 @@ impl Topic {
     /// issued), so a topic made again after it was dropped never reuses a number a client may
     /// hold, and a resume from before `start` cannot be taken for one with nothing missed.
     fn new(start: u64) -> Topic {
-        Topic { members: HashMap::new(), seq: start, floor: start, recent: VecDeque::new(), bytes: 0 }
+        Topic {
+            members: HashMap::new(),
+            wires: [0; Wire::COUNT],
+            feed: None,
+            seq: start,
+            floor: start,
+            recent: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Seats `member` (in place of its earlier seat, if it had one).
+    fn seat(&mut self, member: Member) {
+        let feed = self.feed.as_ref().filter(|_| member.can_read).map(|feed| {
+            Arc::new(Membership::new(feed, member.session.id, member.session.wire, member.receive_own))
+        });
+        self.wires[member.session.wire.slot()] += 1;
+        if let Some(old) = self.members.insert(member.session.id, Seat { member, feed }) {
+            self.unseated(old);
+        }
+    }
+
+    fn unseat(&mut self, session: u64) {
+        if let Some(old) = self.members.remove(&session) {
+            self.unseated(old);
+        }
+    }
+
+    fn unseated(&mut self, seat: Seat) {
+        self.wires[seat.member.session.wire.slot()] -= 1;
+        if let Some(membership) = seat.feed {
+            membership.leave();
+        }
+    }
+
+    /// Gives the topic its feed, and every reader its place in it.
+    fn start_feed(&mut self, capacity: usize) -> Arc<Feed> {
+        let feed = Arc::new(Feed::new(capacity));
+        for seat in self.members.values_mut().filter(|s| s.member.can_read) {
+            let member = &seat.member;
+            seat.feed = Some(Arc::new(Membership::new(
+                &feed,
+                member.session.id,
+                member.session.wire,
+                member.receive_own,
+            )));
+        }
+        self.feed = Some(Arc::clone(&feed));
+        feed
     }
 }
 
@@ -157,6 +230,8 @@ pub struct Hub {
     epoch: String,
     max_age: Duration,
     budget: HistoryBudget,
+    /// Entries a topic feed keeps: a member further behind is a slow consumer.
+    feed_capacity: usize,
 }
 
 /// Why a broadcast resume cannot be served.
@@ -169,8 +244,16 @@ pub enum BroadcastResync {
 }
 
 impl Hub {
-    pub fn new(max_age: Duration, budget: HistoryBudget) -> Hub {
-        Hub { topics: RwLock::new(Topics::default()), epoch: crate::random::hex_id(), max_age, budget }
+    /// `feed_capacity`: broadcasts a member of a large topic may fall behind before it is cut
+    /// off (the outbound queue's capacity, so both paths allow the same lag).
+    pub fn new(max_age: Duration, budget: HistoryBudget, feed_capacity: usize) -> Hub {
+        Hub {
+            topics: RwLock::new(Topics::default()),
+            epoch: crate::random::hex_id(),
+            max_age,
+            budget,
+            feed_capacity,
+        }
     }
 
     pub fn epoch(&self) -> &str {
@@ -179,7 +262,7 @@ impl Hub {
 
     pub fn join(&self, topic: &Arc<str>, member: Member) {
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
-        topics.topic(topic, Some(topic)).members.insert(member.session.id, member);
+        topics.topic(topic, Some(topic)).seat(member);
     }
 
     /// Joins and returns what the member missed after broadcast `seq` of `epoch`, encoded for
@@ -195,7 +278,7 @@ impl Hub {
         let wire = member.session.wire;
         let state = topics.topic(topic, Some(topic));
         let can_read = member.can_read;
-        state.members.insert(member.session.id, member);
+        state.seat(member);
         if epoch != self.epoch {
             return Err(BroadcastResync::Epoch(crate::text::clip(epoch, crate::text::NAME_CHARS)));
         }
@@ -223,13 +306,13 @@ impl Hub {
     /// Whether the member asked for its own broadcasts (`config.broadcast.self`).
     pub fn receives_own(&self, topic: &str, session: u64) -> bool {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
-        topics.map.get(topic).and_then(|t| t.members.get(&session)).is_some_and(|m| m.receive_own)
+        topics.map.get(topic).and_then(|t| t.members.get(&session)).is_some_and(|s| s.member.receive_own)
     }
 
     pub fn leave(&self, topic: &str, session: u64) {
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
         if let Some(state) = topics.map.get_mut(topic) {
-            state.members.remove(&session);
+            state.unseat(session);
             if state.members.is_empty() && state.recent.is_empty() {
                 topics.map.remove(topic);
             }
@@ -242,7 +325,9 @@ impl Hub {
         topics
             .map
             .get(topic)
-            .map(|t| t.members.values().filter(|m| m.can_read).map(|m| m.session.clone()).collect())
+            .map(|t| {
+                t.members.values().filter(|s| s.member.can_read).map(|s| s.member.session.clone()).collect()
+            })
             .unwrap_or_default()
     }
 
@@ -305,7 +390,12 @@ impl Hub {
             let name = topics.map.get_key_value(topic).expect("made above").0.clone();
             topics.oldest.insert(arrival, name);
         }
-        let delivered = Self::deliver(topics, topic, sender, Place { seq, epoch: &self.epoch, arrival });
+        let place = Place { seq, epoch: &self.epoch, arrival };
+        let delivered = if state_needs_feed(topics, topic) {
+            self.deliver_to_feed(topics, topic, sender, place)
+        } else {
+            Self::deliver(topics, topic, sender, place)
+        };
         self.evict_past_budget(topics, topic);
         metrics::counter!("pgcast_broadcasts_total").increment(1);
         metrics::counter!("pgcast_broadcast_deliveries_total").increment(delivered as u64);
@@ -318,7 +408,7 @@ impl Hub {
         let Some(recent) = state.recent.back() else { return 0 };
         let mut encoded: PerWire<Frames> = PerWire::default();
         let mut delivered = 0;
-        for member in state.members.values() {
+        for Seat { member, .. } in state.members.values() {
             if !member.can_read || (Some(member.session.id) == sender && !member.receive_own) {
                 continue;
             }
@@ -330,6 +420,52 @@ impl Hub {
             if member.session.deliver(Outbound { frames, commit_time_micros: 0 }) {
                 delivered += 1;
             }
+        }
+        delivered
+    }
+
+    /// `topic`'s newest broadcast into its feed, once per wire format in use; each reader is
+    /// flagged, and gets a marker queued unless it has one waiting already. A reader still
+    /// flagged that the feed has overrun is cut off as a slow consumer.
+    fn deliver_to_feed(
+        &self,
+        topics: &mut Topics,
+        topic: &str,
+        sender: Option<u64>,
+        place: Place<'_>,
+    ) -> usize {
+        let Some(state) = topics.map.get_mut(topic) else { return 0 };
+        let feed = match &state.feed {
+            Some(feed) => Arc::clone(feed),
+            None => state.start_feed(self.feed_capacity),
+        };
+        let Some(recent) = state.recent.back() else { return 0 };
+        let mut frames: [Option<Frames>; Wire::COUNT] = Default::default();
+        for wire in Wire::ALL.into_iter().filter(|w| state.wires[w.slot()] > 0) {
+            frames[wire.slot()] =
+                protocol::broadcast(wire, topic, &recent.event, recent.payload.body(), place);
+        }
+        let carried = frames.each_ref().map(Option::is_some);
+        let oldest = feed.append(feed::Entry { frames, sender });
+        let mut delivered = 0;
+        for Seat { member, feed: membership } in state.members.values() {
+            let session = &member.session;
+            if (Some(session.id) == sender && !member.receive_own) || !carried[session.wire.slot()] {
+                continue;
+            }
+            let Some(membership) = membership else { continue };
+            if membership.flag() {
+                if !session.notify_feed(Arc::clone(membership)) {
+                    continue;
+                }
+            } else if membership.overrun(oldest) {
+                session.kick(
+                    close_code::SLOW_CONSUMER,
+                    format!("slow consumer: more than {} broadcasts behind", feed.capacity()),
+                );
+                continue;
+            }
+            delivered += 1;
         }
         delivered
     }
@@ -361,7 +497,7 @@ mod tests {
     const KIB: usize = 1024;
 
     fn hub(max_bytes: usize, topic_max_bytes: usize) -> Hub {
-        Hub::new(Duration::from_secs(600), HistoryBudget { max_bytes, topic_max_bytes })
+        Hub::new(Duration::from_secs(600), HistoryBudget { max_bytes, topic_max_bytes }, 1024)
     }
 
     /// A broadcast of about `kib` KiB (its cost with the entry overhead is a little more).
@@ -384,6 +520,83 @@ mod tests {
                 meta["seq"].as_u64().unwrap()
             })
             .collect())
+    }
+
+    /// The `seq` of each broadcast frame queued for `session`, in order (other frames: 0).
+    fn queued_seqs(session: &SessionHandle) -> Vec<u64> {
+        session
+            .take_queued()
+            .iter()
+            .map(|o| match &o.frames {
+                Frames::One(Message::Binary(frame)) => {
+                    let meta_at = 5 + frame[1] as usize + frame[2] as usize;
+                    let meta: Value =
+                        serde_json::from_slice(&frame[meta_at..meta_at + frame[3] as usize]).unwrap();
+                    meta["seq"].as_u64().unwrap()
+                }
+                _ => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_large_topic_broadcasts_through_its_feed_once_per_member_in_order_with_the_queue() {
+        let hub = hub(1024 * KIB, 1024 * KIB);
+        let topic: Arc<str> = Arc::from("realtime:room");
+        let join = |receive_own| {
+            let session = SessionHandle::detached(1024);
+            hub.join(&topic, Member { session: session.clone(), can_read: true, receive_own });
+            session
+        };
+        let members: Vec<_> = (0..FEED_MIN_MEMBERS).map(|_| join(false)).collect();
+        let silent = SessionHandle::detached(16);
+        hub.join(&topic, Member { session: silent.clone(), can_read: false, receive_own: false });
+        let payload = BroadcastPayload::Binary(Bytes::from_static(b"x"));
+        let sender = members[0].id;
+        assert_eq!(hub.broadcast(&topic, Some(sender), "e", &payload), FEED_MIN_MEMBERS - 1);
+        assert!(hub.topics.read().unwrap().map[&*topic].feed.is_some(), "the topic is fed");
+        // A message queued directly between two broadcasts keeps its place.
+        members[1]
+            .deliver(Outbound { frames: Frames::One(Message::Text("direct".into())), commit_time_micros: 0 });
+        hub.broadcast(&topic, Some(sender), "e", &payload);
+        let late = join(false);
+        hub.broadcast(&topic, None, "e", &payload);
+        assert_eq!(queued_seqs(&members[1]), [1, 0, 2, 3], "once each, in order, the direct one between");
+        assert_eq!(queued_seqs(&members[0]), [3], "its own only when it asked (config.broadcast.self)");
+        assert_eq!(queued_seqs(&late), [3], "a member joining later starts after what was sent");
+        assert!(silent.take_queued().is_empty(), "a member that may not read gets nothing");
+        // Left with a marker queued: it expands to nothing.
+        hub.broadcast(&topic, None, "e", &payload);
+        hub.leave(&topic, members[2].id);
+        assert!(queued_seqs(&members[2]).iter().all(|seq| *seq <= 3), "nothing after leaving");
+    }
+
+    #[test]
+    fn a_member_the_feed_overruns_is_cut_off_as_a_slow_consumer() {
+        let hub = Hub::new(
+            Duration::from_secs(600),
+            HistoryBudget { max_bytes: 1 << 20, topic_max_bytes: 1 << 20 },
+            4,
+        );
+        let topic: Arc<str> = Arc::from("realtime:room");
+        let members: Vec<_> = (0..FEED_MIN_MEMBERS)
+            .map(|_| {
+                let session = SessionHandle::detached(1024);
+                hub.join(&topic, Member { session: session.clone(), can_read: true, receive_own: false });
+                session
+            })
+            .collect();
+        let payload = BroadcastPayload::Binary(Bytes::from_static(b"x"));
+        for _ in 0..4 {
+            hub.broadcast(&topic, None, "e", &payload);
+            // Member 1 keeps up; member 0 never reads.
+            assert_eq!(queued_seqs(&members[1]).len(), 1);
+        }
+        assert!(!members[1].is_kicked());
+        assert!(!members[0].is_kicked(), "four behind fit a feed of four");
+        hub.broadcast(&topic, None, "e", &payload);
+        assert!(members[0].is_kicked());
+        assert!(members[0].kicked().1.contains("slow consumer"), "{:?}", members[0].kicked());
     }
 
     #[test]
@@ -428,8 +641,11 @@ mod tests {
             send(&hub, "realtime:a", 1);
         }
         // Nobody is on the topic and its history ages out: the topic's state is dropped.
-        let aged =
-            Hub::new(Duration::ZERO, HistoryBudget { max_bytes: KIB * 1024, topic_max_bytes: KIB * 1024 });
+        let aged = Hub::new(
+            Duration::ZERO,
+            HistoryBudget { max_bytes: KIB * 1024, topic_max_bytes: KIB * 1024 },
+            1024,
+        );
         for _ in 0..3 {
             send(&aged, "realtime:a", 1);
         }

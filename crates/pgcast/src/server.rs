@@ -287,7 +287,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         catalog: catalog.clone(),
         index: index.clone(),
         policy: Arc::new(policy),
-        hub: Hub::new(config.retention.max_age, config.broadcast_history),
+        hub: Hub::new(config.retention.max_age, config.broadcast_history, config.outbound_queue),
         presence: Presence::default(),
         history: history.clone(),
         rls: rls.clone(),

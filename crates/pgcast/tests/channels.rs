@@ -326,3 +326,58 @@ async fn broadcast_history_stays_within_its_byte_budget() {
         recent.expect("resumed", |v| v["event"] == "system" && v["payload"]["scope"] == "broadcast").await;
     assert_eq!(notice["payload"]["status"], "ok", "{notice}");
 }
+
+/// Past `FEED_MIN_MEMBERS` a topic's broadcasts go through its feed: every member still gets
+/// each broadcast once, in order, and in its place among what else the channel sends (a
+/// presence diff queued between two broadcasts stays between them); a member joining later
+/// starts after what was sent.
+#[tokio::test]
+async fn a_crowded_topic_delivers_each_broadcast_once_in_order_and_in_its_place() {
+    let (_pg, server) = setup("crowd", |_| {}).await;
+    let user = token("authenticated", 600);
+    let service = token("service_role", 60);
+    let topic = "realtime:crowd";
+    let send = |n: i64| {
+        let body = format!(r#"{{"messages":[{{"topic":"crowd","event":"n","payload":{{"n":{n}}}}}]}}"#);
+        let service = service.clone();
+        async move { post(server.addr, "/api/broadcast", Some(&service), &body).await }
+    };
+    let mut members = Vec::new();
+    for _ in 0..pgcast::broadcast::FEED_MIN_MEMBERS + 4 {
+        let mut member = Client::connect(server.addr, Some(&user), false).await;
+        assert_eq!(member.join(topic, json!([]), None).await["status"], "ok");
+        members.push(member);
+    }
+    for n in 1..=10 {
+        assert_eq!(send(n).await.0, 202);
+    }
+    let mut tracker = Client::connect(server.addr, Some(&user), false).await;
+    track(&mut tracker, topic, "front-desk").await;
+    for n in 11..=20 {
+        assert_eq!(send(n).await.0, 202);
+    }
+    let expected: Vec<i64> = (1..=10).chain([0]).chain(11..=20).collect();
+    for (i, member) in members.iter_mut().enumerate() {
+        let mut seen = Vec::new();
+        while seen.len() < expected.len() {
+            let got = member
+                .expect("a broadcast or the presence diff", |v| {
+                    v["event"] == "broadcast" || v["event"] == "presence_diff"
+                })
+                .await;
+            seen.push(got["payload"]["payload"]["n"].as_i64().unwrap_or(0));
+        }
+        assert_eq!(seen, expected, "member {i}: once each, in order, the diff between 10 and 11");
+    }
+    // Nothing twice: a last broadcast is the next thing each member gets.
+    assert_eq!(send(21).await.0, 202);
+    for (i, member) in members.iter_mut().enumerate() {
+        let got = member.expect("broadcast 21", |v| v["event"] == "broadcast").await;
+        assert_eq!(got["payload"]["payload"]["n"], 21, "member {i}");
+    }
+    // The tracker joined after broadcast 10: it gets 11..20 only.
+    for n in 11..=20 {
+        let got = tracker.expect("broadcast", |v| v["event"] == "broadcast").await;
+        assert_eq!(got["payload"]["payload"]["n"], n);
+    }
+}

@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 
 use crate::protocol::Wire;
 
+pub mod feed;
 mod queue;
 
 pub use queue::{PushError, Queue};
@@ -121,7 +122,12 @@ impl SessionHandle {
     /// Queues a message; if the queue is full the session is cut off (it will be closed with a
     /// reason) and `false` is returned.
     pub fn deliver(&self, message: Outbound) -> bool {
-        match self.queue.try_push(message) {
+        self.queued(self.queue.try_push(message))
+    }
+
+    /// Whether a push was taken; a full queue cuts the session off.
+    fn queued(&self, pushed: Result<(), PushError>) -> bool {
+        match pushed {
             Ok(()) => true,
             Err(PushError::Full) => {
                 self.kick(
@@ -132,6 +138,14 @@ impl SessionHandle {
             }
             Err(PushError::Closed) => false,
         }
+    }
+
+    /// Queues a marker for a topic feed's new entries (see `feed`); like [`deliver`], a full
+    /// queue cuts the session off and `false` is returned.
+    ///
+    /// [`deliver`]: SessionHandle::deliver
+    pub fn notify_feed(&self, membership: Arc<feed::Membership>) -> bool {
+        self.queued(self.queue.notify_feed(membership))
     }
 
     /// How a kicked session ends: the code and reason it is closed with (counted as a slow

@@ -18,9 +18,38 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
+use std::sync::Arc;
+
 use tokio::sync::Notify;
 
+use super::feed::Membership;
 use super::Outbound;
+
+/// What the queue holds: a message, or a marker for a topic feed's entries (expanded when
+/// taken: see `feed`).
+#[derive(Debug)]
+enum Item {
+    Out(Outbound),
+    Feed(Mark),
+}
+
+/// A feed marker, and where its entries stop: a message queued behind the marker seals it at
+/// the feed's end then, so entries appended later go after that message, as they were sent.
+#[derive(Debug)]
+struct Mark {
+    membership: Arc<Membership>,
+    seal: Option<u64>,
+}
+
+impl Item {
+    /// Frames it counts for: a marker counts one (its feed is bounded on its own).
+    fn frames(&self) -> usize {
+        match self {
+            Item::Out(out) => out.frames.len(),
+            Item::Feed(_) => 1,
+        }
+    }
+}
 
 /// Why a push was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -40,10 +69,26 @@ pub struct Queue {
 
 #[derive(Debug, Default)]
 struct State {
-    items: VecDeque<Outbound>,
+    items: VecDeque<Item>,
+    /// Markers in `items` not sealed yet.
+    unsealed: usize,
     /// Frames in `items` (an entry may carry a transaction's worth).
     frames: usize,
     closed: bool,
+}
+
+impl State {
+    /// Seals every unsealed marker at its feed's end now (a message is being queued behind them).
+    fn seal_marks(&mut self) {
+        for item in self.items.iter_mut() {
+            if let Item::Feed(mark) = item {
+                if mark.seal.is_none() {
+                    mark.seal = Some(mark.membership.feed_end());
+                }
+            }
+        }
+        self.unsealed = 0;
+    }
 }
 
 impl Queue {
@@ -57,18 +102,33 @@ impl Queue {
 
     /// Appends an entry unless the queue is full or closed.
     pub fn try_push(&self, item: Outbound) -> Result<(), PushError> {
+        self.push(Item::Out(item))
+    }
+
+    /// Queues a marker: when taken, it is replaced by the feed's entries this member has not
+    /// been handed yet.
+    pub fn notify_feed(&self, membership: Arc<Membership>) -> Result<(), PushError> {
+        self.push(Item::Feed(Mark { membership, seal: None }))
+    }
+
+    fn push(&self, item: Item) -> Result<(), PushError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.closed {
             return Err(PushError::Closed);
         }
-        let frames = item.frames.len();
+        let frames = item.frames();
         if let Some(first) = state.items.front() {
-            let behind_first = state.frames - first.frames.len();
+            let behind_first = state.frames - first.frames();
             if behind_first + frames > self.capacity {
                 return Err(PushError::Full);
             }
         }
         let was_empty = state.items.is_empty();
+        match &item {
+            Item::Feed(_) => state.unsealed += 1,
+            Item::Out(_) if state.unsealed > 0 => state.seal_marks(),
+            Item::Out(_) => {}
+        }
         state.frames += frames;
         state.items.push_back(item);
         drop(state);
@@ -92,24 +152,42 @@ impl Queue {
     }
 
     /// Moves queued entries into `out` without waiting, oldest first, while they add up to at
-    /// most `limit_frames` frames (always at least one entry, however large); returns how many.
+    /// most `limit_frames` frames (always at least one entry, however large; a feed marker
+    /// counts one and brings every entry it stands for); returns how many messages `out` got.
     pub fn take(&self, out: &mut Vec<Outbound>, limit_frames: usize) -> usize {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let before = out.len();
         let (mut entries, mut frames) = (0, 0);
         while let Some(next) = state.items.front() {
-            let size = next.frames.len();
+            let size = next.frames();
             if entries > 0 && frames + size > limit_frames {
                 break;
             }
-            let Some(entry) = state.items.pop_front() else { break };
-            out.push(entry);
+            let Some(item) = state.items.pop_front() else { break };
+            match item {
+                Item::Out(entry) => out.push(entry),
+                // Under the queue's lock (the feed's is taken inside it, never the other way):
+                // a marker is expanded in its place, so the order of what is queued holds.
+                Item::Feed(Mark { membership, seal }) => {
+                    if seal.is_none() {
+                        state.unsealed -= 1;
+                    }
+                    // Sealed short of the feed's end: what came after goes behind the messages
+                    // that sealed it, with a new marker (unless one was queued meanwhile).
+                    if membership.expand(out, seal) && membership.flag() {
+                        state.unsealed += 1;
+                        state.frames += 1;
+                        state.items.push_back(Item::Feed(Mark { membership, seal: None }));
+                    }
+                }
+            }
             entries += 1;
             frames += size;
         }
         if entries > 0 {
             state.frames -= frames;
         }
-        entries
+        out.len() - before
     }
 
     /// Gives back the buffer if nothing is queued (the session calls it once it has been quiet).
@@ -126,6 +204,7 @@ impl Queue {
         state.closed = true;
         state.items = VecDeque::new();
         state.frames = 0;
+        state.unsealed = 0;
     }
 }
 
