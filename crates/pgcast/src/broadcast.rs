@@ -138,15 +138,23 @@ impl Topic {
         }
     }
 
-    /// Seats `member` (in place of its earlier seat, if it had one).
+    /// Seats `member` (in place of its earlier seat, if it had one: a token refresh seats it
+    /// again, and keeps its place in the feed, so what it was not handed yet still comes).
     fn seat(&mut self, member: Member) {
-        let feed = self.feed.as_ref().filter(|_| member.can_read).map(|feed| {
-            Arc::new(Membership::new(feed, member.session.id, member.session.wire, member.receive_own))
-        });
-        self.wires[member.session.wire.slot()] += 1;
-        if let Some(old) = self.members.insert(member.session.id, Seat { member, feed }) {
+        let mut old = self.members.remove(&member.session.id);
+        let kept = old
+            .as_mut()
+            .and_then(|old| old.feed.take_if(|m| member.can_read && m.receive_own() == member.receive_own));
+        if let Some(old) = old {
             self.unseated(old);
         }
+        let feed = kept.or_else(|| {
+            self.feed.as_ref().filter(|_| member.can_read).map(|feed| {
+                Arc::new(Membership::new(feed, member.session.id, member.session.wire, member.receive_own))
+            })
+        });
+        self.wires[member.session.wire.slot()] += 1;
+        self.members.insert(member.session.id, Seat { member, feed });
     }
 
     fn unseat(&mut self, session: u64) {
@@ -565,6 +573,10 @@ mod tests {
         assert_eq!(queued_seqs(&members[0]), [3], "its own only when it asked (config.broadcast.self)");
         assert_eq!(queued_seqs(&late), [3], "a member joining later starts after what was sent");
         assert!(silent.take_queued().is_empty(), "a member that may not read gets nothing");
+        // Seated again (a token refresh) with a marker queued: the marker still hands it over.
+        hub.broadcast(&topic, None, "e", &payload);
+        hub.join(&topic, Member { session: members[3].clone(), can_read: true, receive_own: false });
+        assert_eq!(queued_seqs(&members[3]), [1, 2, 3, 4], "nothing lost to the refresh");
         // Left with a marker queued: it expands to nothing.
         hub.broadcast(&topic, None, "e", &payload);
         hub.leave(&topic, members[2].id);

@@ -113,6 +113,11 @@ impl Membership {
         self.cursor.load(Ordering::Acquire) < oldest
     }
 
+    /// Whether it gets its own broadcasts (`config.broadcast.self`).
+    pub fn receive_own(&self) -> bool {
+        self.receive_own
+    }
+
     pub fn leave(&self) {
         self.left.store(true, Ordering::Release);
     }
