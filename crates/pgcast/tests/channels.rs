@@ -381,3 +381,63 @@ async fn a_crowded_topic_delivers_each_broadcast_once_in_order_and_in_its_place(
         assert_eq!(got["payload"]["payload"]["n"], n);
     }
 }
+
+/// A member of a crowded (fed) topic that stops reading is cut off as a slow consumer once the
+/// feed (here 16 broadcasts, `outbound_queue`) has moved past what its socket took; the members
+/// reading get every broadcast, in order.
+#[tokio::test]
+async fn a_stalled_member_of_a_crowded_topic_is_cut_off_and_the_readers_get_everything() {
+    let (_pg, server) = setup("crowdslow", |c| c.outbound_queue = 16).await;
+    let user = token("authenticated", 600);
+    let service = token("service_role", 60);
+    // 2,000 broadcasts of 4 KB: more than the server's socket send buffer (4 MB at most here)
+    // and the feed together.
+    const COUNT: i64 = 2000;
+    let mut stalled = Client::connect_small_buffer(server.addr, &user).await;
+    assert_eq!(stalled.join("realtime:crowd", json!([]), None).await["status"], "ok");
+    let mut readers = Vec::new();
+    for _ in 1..pgcast::broadcast::FEED_MIN_MEMBERS {
+        let mut reader = Client::connect(server.addr, Some(&user), false).await;
+        assert_eq!(reader.join("realtime:crowd", json!([]), None).await["status"], "ok");
+        readers.push(tokio::spawn(async move {
+            for n in 1..=COUNT {
+                let got = reader.expect("broadcast", |v| v["event"] == "broadcast").await;
+                assert_eq!(got["payload"]["payload"]["n"], n, "in order, none missing");
+            }
+        }));
+    }
+    let slow_before = metric(server.addr.port(), "pgcast_slow_consumers_total").await;
+    let addr = server.addr;
+    let sender = tokio::spawn(async move {
+        let filler = "x".repeat(4000);
+        for n in 1..=COUNT {
+            let body = format!(
+                r#"{{"messages":[{{"topic":"crowd","event":"n","payload":{{"n":{n},"filler":"{filler}"}}}}]}}"#
+            );
+            assert_eq!(post(addr, "/api/broadcast", Some(&service), &body).await.0, 202);
+        }
+    });
+    // Once it is cut off the stalled member reads (the server tries to deliver the close for a
+    // couple of seconds): what its socket held, then the close with the reason. No other test
+    // of this file makes a slow consumer, so the process-wide count says it was this one.
+    let deadline = std::time::Instant::now() + DEADLINE * 2;
+    while metric(server.addr.port(), "pgcast_slow_consumers_total").await < slow_before + 1.0 {
+        assert!(std::time::Instant::now() < deadline, "the stalled member was never cut off");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let close = loop {
+        let frame = stalled.next(DEADLINE).await.expect("frames until the close");
+        if frame["event"] == "__close" {
+            break frame;
+        }
+    };
+    assert_eq!(close["code"], 4000, "{close}");
+    assert!(
+        close["reason"].as_str().unwrap().starts_with("slow consumer: more than 16 broadcasts behind"),
+        "{close}"
+    );
+    sender.await.expect("every broadcast accepted");
+    for reader in readers {
+        reader.await.expect("a reader got every broadcast");
+    }
+}
