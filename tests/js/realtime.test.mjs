@@ -137,6 +137,34 @@ test('row policies reach realtime-js clients: own rows only, hidden columns, ref
   for (const c of [patient, provider, other, service]) c.disconnect();
 });
 
+test('realtime-js: a filter of several conditions, with not. and like, delivers exactly the rows that meet all of them', async () => {
+  const rt = client('2.0.0');
+  const got = [];
+  const channel = rt
+    .channel('and-filter')
+    .on(
+      'postgres_changes',
+      { event: 'INSERT', schema: 'public', table: 'appointments', filter: 'patient_id=eq.404,notes=ilike.KEEP*,provider_id=not.in.(7,8)' },
+      (p) => got.push(p.new.notes),
+    );
+  await subscribed(channel);
+  await db.query(
+    `INSERT INTO appointments (tenant_id, patient_id, provider_id, starts_at, notes) VALUES
+       (1, 404, 9, now(), 'keep: all three hold'),
+       (1, 404, 9, now(), 'drop: the pattern does not match'),
+       (1, 405, 9, now(), 'keep, but another patient'),
+       (1, 404, 7, now(), 'keep, but provider 7'),
+       (1, 404, 9, now(), null),
+       (1, 404, 10, now(), 'Keep: this one too')`,
+  );
+  await waitFor('the two rows meeting every condition', () => got.length >= 2);
+  // A last row that passes, so anything wrongly let through before it would be seen.
+  await db.query(`INSERT INTO appointments (tenant_id, patient_id, provider_id, starts_at, notes) VALUES (1, 404, 9, now(), 'keep: last')`);
+  await waitFor('the last row', () => got.length >= 3);
+  assert.deepEqual(got, ['keep: all three hold', 'Keep: this one too', 'keep: last']);
+  rt.disconnect();
+});
+
 test('supabase-js pointed at pgcast receives changes through supabase.channel()', async () => {
   const { createClient } = await import('@supabase/supabase-js');
   const http = info.realtime_url.replace(/^ws/, 'http').replace(/\/realtime\/v1$/, '');

@@ -76,7 +76,7 @@ async fn heartbeat_join_and_leave_in_both_serializers() {
 #[tokio::test]
 async fn every_filter_operator_compares_by_column_type() {
     let (pg, server) = setup("filters").await;
-    let cases: [(&str, &[i64]); 10] = [
+    let cases: [(&str, &[i64]); 19] = [
         ("patient_id=eq.30", &[3]),
         ("patient_id=neq.30", &[1, 2, 4, 5]),
         ("patient_id=lt.30", &[1, 2]),
@@ -87,6 +87,16 @@ async fn every_filter_operator_compares_by_column_type() {
         ("status=eq.s3", &[3]),
         ("status=in.(s1,\"s4\")", &[1, 4]),
         ("starts_at=gt.2024-01-01T03:00:00+00:00", &[4, 5]),
+        // Conditions separated by commas must all hold (this was once read as one value).
+        ("patient_id=eq.20,status=eq.s2", &[2]),
+        ("patient_id=eq.20,status=eq.s3", &[]),
+        ("patient_id=gt.10, status=in.(s2,s3,s5)", &[2, 3, 5]),
+        ("status=not.in.(s1,s2)", &[3, 4, 5]),
+        ("status=like.s%,patient_id=not.gte.30", &[1, 2]),
+        ("status=ilike.S4", &[4]),
+        ("status=isdistinct.s1", &[2, 3, 4, 5]),
+        ("status=not.is.null,patient_id=lt.30", &[1, 2]),
+        ("status=eq.\"s5\"", &[5]),
     ];
     let mut clients = Vec::new();
     for (filter, _) in &cases {
@@ -184,8 +194,19 @@ async fn every_error_path_gets_a_reason_and_the_connection_survives() {
     let reason = join_error(&mut client, json!([binding("UPSERT", "appointments", None)]), None).await;
     assert!(reason.contains("unknown event"), "{reason}");
     let reason =
-        join_error(&mut client, json!([binding("*", "appointments", Some("patient_id=like.3"))]), None).await;
+        join_error(&mut client, json!([binding("*", "appointments", Some("patient_id=regex.3"))]), None)
+            .await;
     assert!(reason.contains("unknown operator"), "{reason}");
+    let reason =
+        join_error(&mut client, json!([binding("*", "appointments", Some("patient_id=like.3"))]), None).await;
+    assert!(reason.contains("like and ilike apply to text columns"), "{reason}");
+    let reason = join_error(
+        &mut client,
+        json!([binding("*", "appointments", Some("status=eq.s1,patient_id=eq.x"))]),
+        None,
+    )
+    .await;
+    assert!(reason.contains("invalid filter patient_id=eq.…: a value is not a valid int4"), "{reason}");
     let reason =
         join_error(&mut client, json!([binding("*", "appointments", Some("nope=eq.3"))]), None).await;
     assert!(reason.contains("has no column"), "{reason}");

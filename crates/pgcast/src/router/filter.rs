@@ -1,5 +1,7 @@
-//! postgres_changes subscription filters (`col=op.value`, Supabase's syntax) and event kinds,
-//! parsed against the table's column types at join time and evaluated against rows.
+//! postgres_changes subscription filters (Supabase's syntax: `col=[not.]op.value` conditions
+//! separated by commas, all of which must hold) and event kinds, parsed against the table's
+//! column types at join time and evaluated against rows. A filter is understood exactly or
+//! refused: never read in a way that silently matches nothing.
 //!
 //! Parsing is where bad input is rejected with a reason; evaluation never fails.
 
@@ -7,7 +9,7 @@ use std::cmp::Ordering;
 
 use crate::capture::catalog::PublishedTable;
 use crate::capture::value::{Scalar, ValueKind};
-use crate::capture::{ChangeKind, Relation, Row};
+use crate::capture::{ChangeKind, Relation, Row, Value};
 use crate::text::{clip, escape, NAME_CHARS};
 
 /// Which change kinds a subscription wants (`event` in the join config). `*` means the row
@@ -52,26 +54,71 @@ pub enum Op {
     Gt,
     Gte,
     In,
+    /// `is.null`, `is.true`, `is.false`, `is.unknown` (SQL `IS`).
+    Is(IsValue),
+    /// SQL `LIKE` (`%` any run, `_` one character, `\` escapes; `*` stands for `%`, as in
+    /// PostgREST).
+    Like,
+    /// `ILIKE`: `like` ignoring case.
+    ILike,
+    /// SQL `IS DISTINCT FROM`: unequal, with NULL distinct from every value.
+    IsDistinct,
 }
 
-/// A parsed filter: `column` compared with typed operands.
+/// What `is.` tests for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IsValue {
+    Null,
+    True,
+    False,
+    /// A NULL boolean.
+    Unknown,
+}
+
+/// A parsed filter condition: `column` compared with typed operands, or its negation
+/// (`not.`). A binding's filter is a list of them, all of which must hold.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Filter {
     pub column: String,
     pub op: Op,
+    /// `not.`: the comparison must not hold (a NULL still never passes a comparison, as in SQL).
+    pub negated: bool,
     pub kind: ValueKind,
-    /// One operand, or the list for `in`.
+    /// One operand, the list for `in`, none for `is`.
     pub operands: Vec<Scalar>,
 }
 
+/// Most conditions in one filter.
+const MAX_CONDITIONS: usize = 16;
+
 impl Filter {
-    /// Parses `col=op.value` against the table's columns. Refusals name the filter's
-    /// [`shape`], never its values: they are logged and audited, and values are often patient
-    /// ids.
+    /// Parses a binding's filter, Supabase's syntax: conditions `col=[not.]op.value` separated
+    /// by commas (not inside parentheses, double quotes, or escaped as `\,`), all of which
+    /// must hold. Refusals name the filter's [`shape`], never its values: they are logged and
+    /// audited, and values are often patient ids.
+    pub fn parse_all(text: &str, table: &PublishedTable) -> Result<Vec<Filter>, String> {
+        let parts = split_conditions(text)?;
+        if parts.len() > MAX_CONDITIONS {
+            return Err(format!("invalid filter: more than {MAX_CONDITIONS} conditions"));
+        }
+        let filters = parts.iter().map(|part| Filter::parse(part, table)).collect::<Result<Vec<_>, _>>()?;
+        if filters.is_empty() {
+            return Err("invalid filter: no condition".into());
+        }
+        Ok(filters)
+    }
+
+    /// Parses one condition `col=[not.]op.value` against the table's columns.
     pub fn parse(text: &str, table: &PublishedTable) -> Result<Filter, String> {
         let invalid = |problem: String| format!("invalid filter {}: {problem}", shape(text));
         let (column, rest) =
             text.split_once('=').ok_or_else(|| invalid("expected column=operator.value".into()))?;
+        let column = column.trim();
+        let rest = rest.trim();
+        let (negated, rest) = match rest.strip_prefix("not.") {
+            Some(rest) => (true, rest),
+            None => (false, rest),
+        };
         let (op_text, value) =
             rest.split_once('.').ok_or_else(|| invalid("expected column=operator.value".into()))?;
         let op = match op_text {
@@ -82,64 +129,133 @@ impl Filter {
             "gt" => Op::Gt,
             "gte" => Op::Gte,
             "in" => Op::In,
+            "like" => Op::Like,
+            "ilike" => Op::ILike,
+            "isdistinct" => Op::IsDistinct,
+            "is" => Op::Is(match value {
+                "null" => IsValue::Null,
+                "true" => IsValue::True,
+                "false" => IsValue::False,
+                "unknown" => IsValue::Unknown,
+                _ => return Err(invalid("is takes null, true, false or unknown".into())),
+            }),
+            "match" | "imatch" => {
+                return Err(invalid(format!(
+                    "operator {op_text} (regular expressions) is not supported: use like or ilike"
+                )))
+            }
             other => {
                 return Err(invalid(format!(
-                    "unknown operator {} (use eq, neq, lt, lte, gt, gte or in)",
+                    "unknown operator {} (use eq, neq, lt, lte, gt, gte, in, is, like, ilike or isdistinct, any of them after not.)",
                     clip(other, NAME_CHARS)
                 )))
             }
         };
-        Filter::typed(column, op, value, table).map_err(invalid)
+        Filter::typed(column, op, negated, value, table).map_err(invalid)
     }
 
     /// `column = value`, `value` as PostgreSQL text (a Socket.IO room's or subscription's
     /// equality), checked against the column's type like a parsed filter.
     pub fn equal(column: &str, value: &str, table: &PublishedTable) -> Result<Filter, String> {
-        Filter::typed(column, Op::Eq, value, table).map_err(|problem| {
+        Filter::typed_raw(column, Op::Eq, false, vec![value.to_string()], table).map_err(|problem| {
             format!("invalid filter {}: {problem}", shape(&format!("{column}=eq.{value}")))
         })
     }
 
-    /// `column op value` against the table's columns; the error is the problem only.
-    fn typed(column: &str, op: Op, value: &str, table: &PublishedTable) -> Result<Filter, String> {
+    /// `column op value` against the table's columns, `value` as written in a filter (quoted
+    /// or not); the error is the problem only.
+    fn typed(
+        column: &str,
+        op: Op,
+        negated: bool,
+        value: &str,
+        table: &PublishedTable,
+    ) -> Result<Filter, String> {
+        let raw = match op {
+            Op::In => parse_in_list(value)?,
+            Op::Is(_) => Vec::new(),
+            _ => vec![unquote(value)?],
+        };
+        Filter::typed_raw(column, op, negated, raw, table)
+    }
+
+    fn typed_raw(
+        column: &str,
+        op: Op,
+        negated: bool,
+        raw_operands: Vec<String>,
+        table: &PublishedTable,
+    ) -> Result<Filter, String> {
         let col = table.column(column).ok_or_else(|| {
             format!("table {}.{} has no column {}", table.schema, table.name, clip(column, NAME_CHARS))
         })?;
         if !col.kind.is_filterable() {
             return Err(format!("column {column:?} has type {} which cannot be filtered", col.type_name));
         }
-        let raw_operands = if op == Op::In { parse_in_list(value)? } else { vec![value.to_string()] };
+        match op {
+            Op::Like | Op::ILike if col.kind != ValueKind::Text => {
+                return Err(format!(
+                    "like and ilike apply to text columns; {column:?} has type {}",
+                    col.type_name
+                ));
+            }
+            Op::Is(IsValue::True | IsValue::False | IsValue::Unknown) if col.kind != ValueKind::Bool => {
+                return Err(format!(
+                    "is.true, is.false and is.unknown apply to boolean columns; {column:?} has type {}",
+                    col.type_name
+                ));
+            }
+            _ => {}
+        }
         let operands = raw_operands
             .iter()
-            .map(|raw| {
-                col.kind.parse_scalar(raw).ok_or_else(|| format!("a value is not a valid {}", col.type_name))
+            .map(|raw| match op {
+                // A pattern is text whatever it looks like.
+                Op::Like | Op::ILike => Some(Scalar::Text(raw.clone())),
+                _ => col.kind.parse_scalar(raw),
             })
+            .map(|scalar| scalar.ok_or_else(|| format!("a value is not a valid {}", col.type_name)))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Filter { column: column.to_string(), op, kind: col.kind.clone(), operands })
+        Ok(Filter { column: column.to_string(), op, negated, kind: col.kind.clone(), operands })
     }
 
     /// The equality key, when the filter is `eq` (used by the index).
     pub fn eq_key(&self) -> Option<String> {
-        match (self.op, self.operands.as_slice()) {
-            (Op::Eq, [one]) => Some(one.index_key()),
+        match (self.op, self.negated, self.operands.as_slice()) {
+            (Op::Eq, false, [one]) => Some(one.index_key()),
             _ => None,
         }
     }
 
-    /// Whether `row` passes. As in SQL, a comparison with NULL (or a column the row does not
-    /// carry, such as a non-key column of a key-only old row) is never true.
+    /// Whether `row` passes. As in SQL, a comparison with NULL is never true, negated or not
+    /// (`is` and `isdistinct` are the tests that see NULL); a column the row does not carry
+    /// (a TOASTed value an UPDATE left unchanged) passes nothing.
     pub fn matches(&self, relation: &Relation, row: &Row) -> bool {
         let Some(index) = relation.column_index(&self.column) else { return false };
-        let Some(text) = row.text(index) else { return false };
-        let Some(value) = self.kind.parse_scalar(text) else { return false };
-        self.accepts_scalar(&value)
+        match row.values.get(index) {
+            Some(Value::Text(text)) => {
+                self.kind.parse_scalar(text).is_some_and(|value| self.accepts_scalar(&value))
+            }
+            Some(Value::Null) => self.accepts_null(),
+            _ => false,
+        }
+    }
+
+    /// Whether a NULL column value passes.
+    fn accepts_null(&self) -> bool {
+        let holds = match self.op {
+            Op::Is(IsValue::Null | IsValue::Unknown) | Op::IsDistinct => true,
+            Op::Is(_) => false,
+            _ => return false,
+        };
+        holds != self.negated
     }
 
     /// Whether a (non-NULL) column value passes.
     pub fn accepts_scalar(&self, value: &Scalar) -> bool {
         let cmp = |operand: &Scalar| value.compare(operand);
         let first = self.operands.first().and_then(cmp);
-        match self.op {
+        let holds = match self.op {
             Op::Eq => first == Some(Ordering::Equal),
             Op::Neq => matches!(first, Some(Ordering::Less | Ordering::Greater)),
             Op::Lt => first == Some(Ordering::Less),
@@ -147,20 +263,154 @@ impl Filter {
             Op::Gt => first == Some(Ordering::Greater),
             Op::Gte => matches!(first, Some(Ordering::Greater | Ordering::Equal)),
             Op::In => self.operands.iter().any(|o| cmp(o) == Some(Ordering::Equal)),
-        }
+            Op::Is(IsValue::Null | IsValue::Unknown) => false,
+            Op::Is(IsValue::True) => matches!(value, Scalar::Bool(true)),
+            Op::Is(IsValue::False) => matches!(value, Scalar::Bool(false)),
+            Op::IsDistinct => first != Some(Ordering::Equal),
+            Op::Like | Op::ILike => match (value, self.operands.first()) {
+                (Scalar::Text(text), Some(Scalar::Text(pattern))) => {
+                    like(text, pattern, self.op == Op::ILike)
+                }
+                _ => false,
+            },
+        };
+        // A comparison that cannot be made (NaN) is not true, and so not false either.
+        let comparable = match self.op {
+            Op::Eq | Op::Neq | Op::Lt | Op::Lte | Op::Gt | Op::Gte | Op::IsDistinct => first.is_some(),
+            _ => true,
+        };
+        comparable && holds != self.negated
     }
 }
 
+/// Splits a filter into its conditions at commas outside parentheses and double quotes and
+/// not escaped (`\,`); each is trimmed, empty ones are dropped (as Supabase does).
+fn split_conditions(text: &str) -> Result<Vec<String>, String> {
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    let (mut depth, mut quoted) = (0usize, false);
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                // Kept for the value's own unquoting, which reads the escape.
+                current.push(c);
+                current.extend(chars.next());
+            }
+            '"' => {
+                quoted = !quoted;
+                current.push(c);
+            }
+            '(' if !quoted => {
+                depth += 1;
+                current.push(c);
+            }
+            ')' if !quoted => {
+                depth = depth.saturating_sub(1);
+                current.push(c);
+            }
+            ',' if !quoted && depth == 0 => parts.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
+    }
+    if quoted {
+        return Err("invalid filter: a quoted value is not closed".into());
+    }
+    parts.push(current);
+    Ok(parts.into_iter().map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect())
+}
+
+/// A value as a filter writes it: `"..."` (PostgREST's quoting: keeps `,()` and surrounding
+/// spaces; `\` escapes the next character), or bare, where `\,` is a comma.
+fn unquote(value: &str) -> Result<String, String> {
+    let Some(inner) = value.strip_prefix('"') else {
+        return Ok(value.replace("\\,", ","));
+    };
+    let mut out = String::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.extend(chars.next()),
+            '"' => {
+                return if chars.as_str().is_empty() {
+                    Ok(out)
+                } else {
+                    Err("text after a quoted value".into())
+                };
+            }
+            c => out.push(c),
+        }
+    }
+    Err("a quoted value is not closed".into())
+}
+
+/// SQL `LIKE`: `%` (or `*`) matches any run, `_` one character, `\` makes the next literal.
+fn like(text: &str, pattern: &str, ignore_case: bool) -> bool {
+    enum Token {
+        Any,
+        One,
+        Char(char),
+    }
+    let fold = |c: char| if ignore_case { c.to_lowercase().next().unwrap_or(c) } else { c };
+    let mut tokens = Vec::new();
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        tokens.push(match c {
+            '%' | '*' => Token::Any,
+            '_' => Token::One,
+            '\\' => Token::Char(fold(chars.next().unwrap_or('\\'))),
+            c => Token::Char(fold(c)),
+        });
+    }
+    let text: Vec<char> = text.chars().map(fold).collect();
+    // reachable[j]: the first i characters can be matched by the first j tokens.
+    let mut reachable = vec![false; tokens.len() + 1];
+    reachable[0] = true;
+    for j in 0..tokens.len() {
+        if matches!(tokens[j], Token::Any) && reachable[j] {
+            reachable[j + 1] = true;
+        }
+    }
+    for c in text {
+        let mut next = vec![false; tokens.len() + 1];
+        for j in 0..tokens.len() {
+            match tokens[j] {
+                Token::Any => next[j + 1] |= reachable[j + 1] || next[j],
+                Token::One => next[j + 1] |= reachable[j],
+                Token::Char(t) => next[j + 1] |= reachable[j] && t == c,
+            }
+        }
+        reachable = next;
+    }
+    reachable[tokens.len()]
+}
+
 /// What a filter looks like without its values, for messages and logs: `patient_id=eq.…`,
-/// `status=in.(…)`; names clipped and escaped.
+/// `status=not.in.(…)`, several conditions by their shapes; names clipped and escaped.
 pub fn shape(text: &str) -> String {
+    match split_conditions(text) {
+        Ok(parts) if parts.len() > 1 => {
+            let shapes: Vec<String> = parts.iter().take(4).map(|p| shape_of_one(p)).collect();
+            let more = if parts.len() > 4 { ",…" } else { "" };
+            format!("{}{more}", shapes.join(","))
+        }
+        _ => shape_of_one(text),
+    }
+}
+
+fn shape_of_one(text: &str) -> String {
     let Some((column, rest)) = text.split_once('=') else {
         return format!("of {} bytes without '='", text.len());
     };
-    let column = escape(column, NAME_CHARS);
+    let column = escape(column.trim(), NAME_CHARS);
+    let (not, rest) = match rest.trim().strip_prefix("not.") {
+        Some(rest) => ("not.", rest),
+        None => ("", rest.trim()),
+    };
     match rest.split_once('.') {
-        Some(("in", _)) => format!("{column}=in.(…)"),
-        Some((op, _)) => format!("{column}={}.…", escape(op, NAME_CHARS)),
+        Some(("in", _)) => format!("{column}={not}in.(…)"),
+        Some(("is", v @ ("null" | "true" | "false" | "unknown"))) => format!("{column}={not}is.{v}"),
+        Some((op, _)) => format!("{column}={not}{}.…", escape(op, NAME_CHARS)),
         None => format!("{column}=…"),
     }
 }
@@ -214,6 +464,7 @@ mod tests {
                 col("status", "text", ValueKind::Text),
                 col("starts_at", "timestamptz", ValueKind::TimestampTz),
                 col("meta", "jsonb", ValueKind::Json),
+                col("active", "bool", ValueKind::Bool),
             ],
         }
     }
@@ -284,7 +535,13 @@ mod tests {
     fn bad_filters_are_rejected_with_reasons() {
         let err = |f: &str| Filter::parse(f, &table()).unwrap_err();
         assert!(err("id").contains("expected column=operator.value"));
-        assert!(err("id=like.5").contains("unknown operator"));
+        assert!(err("id=regex.5").contains("unknown operator"));
+        assert!(err("id=like.5").contains("apply to text columns"));
+        assert!(err("status=is.true").contains("apply to boolean columns"));
+        assert!(err("status=is.maybe").contains("is takes null, true, false or unknown"));
+        assert!(err("status=match.^a").contains("not supported: use like or ilike"));
+        assert!(err("status=eq.\"open").contains("not closed"));
+        assert!(err("status=eq.\"open\"x").contains("text after a quoted value"));
         assert!(err("nope=eq.5").contains("has no column"));
         assert!(err("id=eq.abc").contains("not a valid int8"));
         assert!(err("meta=eq.{}").contains("cannot be filtered"));
@@ -313,6 +570,114 @@ mod tests {
     fn eq_filters_have_index_keys_and_others_do_not() {
         assert!(Filter::parse("id=eq.5", &table()).unwrap().eq_key().is_some());
         assert!(Filter::parse("id=gt.5", &table()).unwrap().eq_key().is_none());
+        assert!(Filter::parse("id=not.eq.5", &table()).unwrap().eq_key().is_none());
+    }
+
+    fn all_pass(filter: &str, r: &Row) -> bool {
+        let filters = Filter::parse_all(filter, &table()).unwrap();
+        filters.iter().all(|f| f.matches(&relation(), r))
+    }
+
+    fn with_active(r: Row, active: Value) -> Row {
+        let mut values = r.values;
+        values.push(active);
+        Row { values }
+    }
+
+    #[test]
+    fn comma_separated_conditions_must_all_hold() {
+        let r = row("10", "booked", "2024-05-01 09:00:00+00");
+        // Read as one value before: it silently matched nothing.
+        assert_eq!(Filter::parse_all("id=eq.10,status=eq.booked", &table()).unwrap().len(), 2);
+        assert!(all_pass("id=eq.10,status=eq.booked", &r));
+        assert!(!all_pass("id=eq.10,status=eq.open", &r));
+        assert!(all_pass("id=gt.5, status=in.(open,booked)", &r), "spaces around a condition");
+        assert!(all_pass("status=in.(open,booked),id=lte.10", &r), "commas in a list do not split");
+        assert!(all_pass("id=eq.10,", &r), "an empty condition is dropped, as Supabase does");
+        let many = vec!["id=gt.1"; 17].join(",");
+        assert!(Filter::parse_all(&many, &table()).unwrap_err().contains("more than 16 conditions"));
+        assert!(Filter::parse_all(" , ", &table()).unwrap_err().contains("no condition"));
+        // The index takes the equality; the other conditions are tested on the row.
+        let filters = Filter::parse_all("id=gt.1,status=eq.booked", &table()).unwrap();
+        assert_eq!(filters.iter().filter_map(Filter::eq_key).count(), 1);
+    }
+
+    #[test]
+    fn not_negates_any_operator_and_null_still_never_passes_a_comparison() {
+        let r = row("10", "booked", "2024-05-01 09:00:00+00");
+        assert!(all_pass("status=not.in.(draft,archived)", &r));
+        assert!(!all_pass("status=not.in.(booked,archived)", &r));
+        assert!(all_pass("id=not.gt.10", &r));
+        assert!(!all_pass("id=not.eq.10", &r));
+        assert!(all_pass("status=not.like.can%", &r));
+        let null = Row { values: vec![Value::Text("1".into()), Value::Null, Value::Null, Value::Null] };
+        assert!(!all_pass("status=not.eq.x", &null), "NOT (NULL = x) is not true");
+        assert!(!all_pass("status=not.in.(x)", &null));
+    }
+
+    #[test]
+    fn is_and_isdistinct_see_null() {
+        let r = row("10", "booked", "2024-05-01 09:00:00+00");
+        let null = Row { values: vec![Value::Text("1".into()), Value::Null, Value::Null, Value::Null] };
+        assert!(all_pass("status=is.null", &null));
+        assert!(!all_pass("status=is.null", &r));
+        assert!(all_pass("status=not.is.null", &r));
+        assert!(!all_pass("status=not.is.null", &null));
+        assert!(all_pass("status=isdistinct.booked", &null), "NULL is distinct from a value");
+        assert!(!all_pass("status=isdistinct.booked", &r));
+        assert!(all_pass("status=isdistinct.open", &r));
+        assert!(all_pass("status=not.isdistinct.booked", &r));
+        assert!(!all_pass("status=not.isdistinct.booked", &null));
+        let on = with_active(r.clone(), Value::Text("t".into()));
+        let unknown = with_active(r.clone(), Value::Null);
+        assert!(all_pass("active=is.true", &on));
+        assert!(!all_pass("active=is.false", &on));
+        assert!(all_pass("active=not.is.false", &on));
+        assert!(all_pass("active=is.unknown", &unknown));
+        assert!(!all_pass("active=is.true", &unknown));
+        assert!(all_pass("active=not.is.true", &unknown), "IS NOT TRUE holds for NULL");
+    }
+
+    #[test]
+    fn like_and_ilike_match_sql_patterns() {
+        assert!(like("booked", "boo%", false));
+        assert!(like("booked", "%ked", false));
+        assert!(like("booked", "b_oked", false));
+        assert!(like("booked", "b*d", false), "* stands for %, as in PostgREST");
+        assert!(!like("booked", "Boo%", false));
+        assert!(like("booked", "Boo%", true));
+        assert!(like("50%", "50\\%", false), "an escaped % is literal");
+        assert!(!like("500", "50\\%", false));
+        assert!(like("", "%", false));
+        assert!(!like("a", "", false));
+        assert!(like("ÄBC", "äb_", true));
+        let r = row("10", "Cancelled by patient", "2024-05-01 09:00:00+00");
+        assert!(all_pass("status=ilike.*BY PATIENT", &r));
+        assert!(!all_pass("status=like.*BY PATIENT", &r));
+    }
+
+    #[test]
+    fn values_can_be_quoted_or_escaped_as_postgrest_and_supabase_write_them() {
+        let r = row("10", "a, b (c)", "2024-05-01 09:00:00+00");
+        assert!(all_pass("status=eq.\"a, b (c)\"", &r), "quoted: commas, parentheses, spaces kept");
+        assert!(all_pass("status=eq.a\\, b (c)", &r), "\\, is a comma in a bare value");
+        assert!(all_pass("status=in.(\"a, b (c)\",x),id=eq.10", &r));
+        let spaced = row("10", "  padded ", "2024-05-01 09:00:00+00");
+        assert!(all_pass("status=eq.\"  padded \"", &spaced));
+        assert!(all_pass(
+            "status=eq.\"quote \\\" inside\"",
+            &row("1", "quote \" inside", "2024-05-01 09:00:00+00")
+        ));
+    }
+
+    #[test]
+    fn shapes_of_several_conditions_name_each_without_values() {
+        let err = Filter::parse_all("id=eq.4711,status=not.in.(x),nope=eq.4711", &table()).unwrap_err();
+        assert!(err.starts_with("invalid filter nope=eq.…: "), "{err}");
+        assert_eq!(
+            shape("id=eq.4711,status=not.in.(x),active=is.null"),
+            "id=eq.…,status=not.in.(…),active=is.null"
+        );
     }
 
     #[test]

@@ -605,7 +605,13 @@ fn bind_condition(condition: &Condition, claims: &Claims) -> Result<Filter, Stri
     if condition.op != Op::In && operands.len() != 1 {
         return Err(format!("token claim for column {:?} must be a single value", condition.column));
     }
-    Ok(Filter { column: condition.column.clone(), op: condition.op, kind: condition.kind.clone(), operands })
+    Ok(Filter {
+        column: condition.column.clone(),
+        op: condition.op,
+        negated: false,
+        kind: condition.kind.clone(),
+        operands,
+    })
 }
 
 fn placeholders(pattern: &str) -> Vec<String> {
@@ -741,7 +747,8 @@ impl BoundPolicy {
     /// the filtered column (`col = value`) to a value the filter rejects.
     pub fn can_match(&self, filter: &Filter) -> bool {
         self.rules.iter().any(|rule| {
-            let pinned = rule.conditions.iter().find(|c| c.column == filter.column && c.op == Op::Eq);
+            let pinned =
+                rule.conditions.iter().find(|c| c.column == filter.column && c.op == Op::Eq && !c.negated);
             match pinned.and_then(|c| c.operands.first()) {
                 Some(value) => filter.accepts_scalar(value),
                 None => true,

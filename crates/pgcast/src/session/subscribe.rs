@@ -74,10 +74,10 @@ async fn parse_binding(
         return Err("a TRUNCATE binding takes no filter: a truncation has no row to test".into());
     }
     let catalog = &state.catalog;
-    let filter = match &table {
+    let filters = match &table {
         Some(name) => {
             let published = published_table(state, &schema, name).await?;
-            filter_text.map(|f| Filter::parse(f, &published)).transpose()?
+            filter_text.map(|f| Filter::parse_all(f, &published)).transpose()?.unwrap_or_default()
         }
         None => {
             if claims.role != SERVICE_ROLE {
@@ -99,7 +99,7 @@ async fn parse_binding(
                     state.config.publication
                 ));
             }
-            None
+            Vec::new()
         }
     };
     let policy = match &table {
@@ -109,19 +109,21 @@ async fn parse_binding(
     if let (Some(policy), Some(name)) = (&policy, &table) {
         check_rls_role(state, policy, &schema, name).await?;
     }
-    if let (Some(policy), Some(filter)) = (&policy, &filter) {
-        if !policy.can_filter_on(&filter.column) {
-            return Err(format!(
-                "filter on column {:?} is not allowed: role {:?} may not see it",
-                filter.column, claims.role
-            ));
-        }
-        if !policy.can_match(filter) {
-            return Err(format!(
-                "filter {} can never match a row role {:?} may see",
-                crate::router::filter::shape(filter_text.unwrap_or_default()),
-                claims.role
-            ));
+    if let Some(policy) = &policy {
+        for filter in &filters {
+            if !policy.can_filter_on(&filter.column) {
+                return Err(format!(
+                    "filter on column {:?} is not allowed: role {:?} may not see it",
+                    filter.column, claims.role
+                ));
+            }
+            if !policy.can_match(filter) {
+                return Err(format!(
+                    "filter {} can never match a row role {:?} may see",
+                    crate::router::filter::shape(filter_text.unwrap_or_default()),
+                    claims.role
+                ));
+            }
         }
     }
     let binding_id =
@@ -134,7 +136,7 @@ async fn parse_binding(
         schema,
         table,
         events,
-        filters: filter.into_iter().collect(),
+        filters: filters.into(),
         policy,
         min_position: None,
         event: None,
