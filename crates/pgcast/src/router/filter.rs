@@ -90,6 +90,8 @@ pub struct Filter {
 
 /// Most conditions in one filter.
 const MAX_CONDITIONS: usize = 16;
+/// Longest `like` pattern: matching costs its length times the value's, on every change.
+const MAX_PATTERN_CHARS: usize = 128;
 
 impl Filter {
     /// Parses a binding's filter, Supabase's syntax: conditions `col=[not.]op.value` separated
@@ -206,6 +208,11 @@ impl Filter {
                 ));
             }
             _ => {}
+        }
+        if matches!(op, Op::Like | Op::ILike)
+            && raw_operands.iter().any(|p| p.chars().count() > MAX_PATTERN_CHARS)
+        {
+            return Err(format!("a like pattern is at most {MAX_PATTERN_CHARS} characters"));
         }
         let operands = raw_operands
             .iter()
@@ -372,6 +379,9 @@ fn like(text: &str, pattern: &str, ignore_case: bool) -> bool {
         }
     }
     for c in text {
+        if !reachable.contains(&true) {
+            return false;
+        }
         let mut next = vec![false; tokens.len() + 1];
         for j in 0..tokens.len() {
             match tokens[j] {
@@ -542,6 +552,7 @@ mod tests {
         assert!(err("status=match.^a").contains("not supported: use like or ilike"));
         assert!(err("status=eq.\"open").contains("not closed"));
         assert!(err("status=eq.\"open\"x").contains("text after a quoted value"));
+        assert!(err(&format!("status=like.{}", "%a".repeat(65))).contains("at most 128 characters"));
         assert!(err("nope=eq.5").contains("has no column"));
         assert!(err("id=eq.abc").contains("not a valid int8"));
         assert!(err("meta=eq.{}").contains("cannot be filtered"));
