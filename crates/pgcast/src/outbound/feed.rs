@@ -102,8 +102,8 @@ impl Membership {
     }
 
     /// Flags the membership after an append; `true` if it was not flagged, so the caller
-    /// queues a marker. `oldest` is what [`Feed::append`] returned: a flagged member whose
-    /// cursor is below it has been overrun (see [`Membership::overrun`]).
+    /// queues a marker. A member that was flagged already may have been overrun: the caller
+    /// asks [`Membership::overrun`] with what [`Feed::append`] returned.
     pub fn flag(&self) -> bool {
         !self.pending.swap(true, Ordering::AcqRel)
     }

@@ -348,8 +348,8 @@ impl WebSocketTransport {
     }
 
     /// Writes as much of what was fed as the socket takes now, without waiting. The queue keeps
-    /// its capacity for the next write: the session gives it back ([`Transport::trim`]) once
-    /// the connection is quiet.
+    /// its capacity: [`Transport::trim`] gives it back (after a flush, after a small batch, and
+    /// once a busy connection has been quiet).
     fn write_some(&mut self) -> io::Result<()> {
         while !self.out.is_empty() {
             let mut slices = [IoSlice::new(&[]); 2 * WRITE_SLICES];
