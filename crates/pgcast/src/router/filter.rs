@@ -691,6 +691,126 @@ mod tests {
         );
     }
 
+    /// Filters built from the grammar's pieces (sometimes mutated byte by byte) never panic
+    /// the parser or the matcher, and a refusal of an unmutated filter never repeats a value.
+    #[test]
+    fn fuzz_filters_never_panic_and_refusals_never_repeat_values() {
+        let mut rng = crate::random::XorShift(0x5EED_F11E_u64 << 8 | 1);
+        const SECRET: &str = "s3cr3t";
+        let columns = ["id", "status", "starts_at", "meta", "active", "nope", ""];
+        let ops = [
+            "eq",
+            "neq",
+            "lt",
+            "lte",
+            "gt",
+            "gte",
+            "in",
+            "is",
+            "like",
+            "ilike",
+            "isdistinct",
+            "match",
+            "xx",
+            "",
+        ];
+        let values = [
+            "10",
+            "booked",
+            "null",
+            "true",
+            "unknown",
+            "%bo_k*",
+            "\"a, b\"",
+            "(1,2,3)",
+            "(\"x,y\",z)",
+            "a\\,b",
+            "\"open",
+            "()",
+            "(",
+            "2024-05-01T00:00:00Z",
+            "",
+        ];
+        let junk = ",()\"\\.=% *_ab1";
+        let valid = [
+            "id=eq.10",
+            "status=not.in.(a,b)",
+            "status=like.%bo_k*",
+            "active=is.true",
+            "status=is.null",
+            "id=isdistinct.3",
+            "status=eq.\"a, b\"",
+            "starts_at=gt.2024-05-01T00:00:00Z",
+        ];
+        let rows = [
+            row("10", "booked", "2024-05-01 09:00:00+00"),
+            Row { values: vec![Value::Null, Value::Null, Value::Null, Value::Null, Value::Null] },
+            with_active(row("-1", &"x".repeat(1000), "infinity"), Value::Text("f".into())),
+            Row { values: vec![Value::UnchangedToast] },
+        ];
+        let (mut parsed, mut refused) = (0, 0);
+        for _ in 0..20_000 {
+            let conditions = 1 + rng.below(4);
+            let mut text = String::new();
+            for n in 0..conditions {
+                if n > 0 {
+                    text.push_str([",", ", ", " ,", "\\,"][rng.below(4)]);
+                }
+                if rng.below(2) == 0 {
+                    text.push_str(valid[rng.below(valid.len())]);
+                    continue;
+                }
+                text.push_str(columns[rng.below(columns.len())]);
+                text.push('=');
+                if rng.below(3) == 0 {
+                    text.push_str("not.");
+                }
+                text.push_str(ops[rng.below(ops.len())]);
+                text.push('.');
+                let value = values[rng.below(values.len())];
+                if rng.below(4) == 0 {
+                    text.push_str(&value.replace("a", SECRET));
+                    text.push_str(SECRET);
+                } else {
+                    text.push_str(value);
+                }
+            }
+            let mutated = rng.below(3) == 0;
+            if mutated {
+                for _ in 0..1 + rng.below(3) {
+                    let at = rng.below(text.len() + 1);
+                    if !text.is_char_boundary(at) {
+                        continue;
+                    }
+                    if rng.below(2) == 0 && at < text.len() && text.is_char_boundary(at + 1) {
+                        text.remove(at);
+                    } else {
+                        text.insert(at, junk.as_bytes()[rng.below(junk.len())] as char);
+                    }
+                }
+            }
+            match Filter::parse_all(&text, &table()) {
+                Ok(filters) => {
+                    parsed += 1;
+                    for r in &rows {
+                        for f in &filters {
+                            f.matches(&relation(), r);
+                            f.eq_key();
+                        }
+                    }
+                }
+                Err(reason) => {
+                    refused += 1;
+                    assert!(reason.len() < 1000, "{text:?}: a refusal of {} bytes", reason.len());
+                    if !mutated {
+                        assert!(!reason.contains(SECRET), "{text:?}: the value is in {reason:?}");
+                    }
+                }
+            }
+        }
+        assert!(parsed > 2_000 && refused > 2_000, "{parsed} parsed, {refused} refused");
+    }
+
     #[test]
     fn events_parse_and_match() {
         assert!(EventFilter::parse("*").unwrap().accepts(ChangeKind::Delete));
