@@ -73,11 +73,6 @@ impl Serialized {
     }
 }
 
-/// Whether `topic` broadcasts through its feed: it has one, or has reached the size for one.
-fn state_needs_feed(topics: &Topics, topic: &str) -> bool {
-    topics.map.get(topic).is_some_and(|t| t.feed.is_some() || t.members.len() >= FEED_MIN_MEMBERS)
-}
-
 /// Recent broadcasts kept per topic for resuming members (besides the byte budget).
 const RECENT_PER_TOPIC: usize = 1000;
 /// Bytes a kept broadcast costs besides its payload and event name (the entry, the index).
@@ -389,6 +384,8 @@ impl Hub {
         let seq = state.seq;
         let recent = Recent { seq, arrival, event: Arc::from(event), payload, at: Instant::now() };
         let cost = recent.cost();
+        // Through its feed once it has one, or has reached the size for one.
+        let fed = state.feed.is_some() || state.members.len() >= FEED_MIN_MEMBERS;
         let first_kept = state.recent.is_empty();
         state.recent.push_back(recent);
         state.bytes += cost;
@@ -399,7 +396,7 @@ impl Hub {
             topics.oldest.insert(arrival, name);
         }
         let place = Place { seq, epoch: &self.epoch, arrival };
-        let delivered = if state_needs_feed(topics, topic) {
+        let delivered = if fed {
             self.deliver_to_feed(topics, topic, sender, place)
         } else {
             Self::deliver(topics, topic, sender, place)

@@ -17,12 +17,7 @@ const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 /// RFC 6455 1.3's worked example for `KEY`.
 const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
-const TEXT: u8 = 0x1;
-const BINARY: u8 = 0x2;
-const CONTINUATION: u8 = 0x0;
-const CLOSE: u8 = 0x8;
-const PING: u8 = 0x9;
-const PONG: u8 = 0xA;
+use pgcast::transport::frame::opcode::{BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT};
 
 /// A client frame, masked unless `masked` is false.
 fn frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {

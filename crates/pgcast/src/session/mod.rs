@@ -544,11 +544,9 @@ impl<P: Protocol, T: Transport> Session<P, T> {
                             self.taken(&batch[held..]);
                         }
                     }
-                    let frames: usize = batch.iter().map(|m| m.frames.len()).sum();
-                    let busy = frames > BUSY_WRITE_FRAMES;
-                    if self.write_batch(&mut batch, busy).await.is_err() {
+                    let Ok(busy) = self.write_batch(&mut batch).await else {
                         return Ending::Gone;
-                    }
+                    };
                     let now = Instant::now();
                     last_write = Some(now);
                     if busy {
@@ -609,14 +607,14 @@ impl<P: Protocol, T: Transport> Session<P, T> {
                             handle.queue().trim();
                         }
                     }
-                    if self.core.unauthenticated.as_ref().is_some_and(|u| Instant::now() >= u.deadline) {
+                    if self.core.unauthenticated.as_ref().is_some_and(|u| now >= u.deadline) {
                         let within = self.core.state.config.auth_timeout.as_secs();
                         return Ending::Close(
                             close_code::AUTH_TIMEOUT,
                             format!("no valid token within {within}s: connect with an apikey or join with an access_token"),
                         );
                     }
-                    if Instant::now() >= heartbeat_deadline {
+                    if now >= heartbeat_deadline {
                         return Ending::Close(
                             close_code::HEARTBEAT_TIMEOUT,
                             format!("no heartbeat for {}s", heartbeat_timeout.as_secs()),
@@ -637,11 +635,13 @@ impl<P: Protocol, T: Transport> Session<P, T> {
         }
     }
 
-    /// Feeds a batch of queued messages and flushes once; a busy connection's transport keeps
-    /// its buffer for the next.
-    async fn write_batch(&mut self, batch: &mut Vec<Outbound>, busy: bool) -> Result<(), TransportError> {
+    /// Feeds a batch of queued messages and flushes once; returns whether it was a busy
+    /// connection's write (more than [`BUSY_WRITE_FRAMES`]), whose transport keeps its buffer
+    /// for the next.
+    async fn write_batch(&mut self, batch: &mut Vec<Outbound>) -> Result<bool, TransportError> {
         let oldest = batch.iter().map(|m| m.commit_time_micros).min().unwrap_or(0);
         let count: usize = batch.iter().map(|m| m.frames.len()).sum();
+        let busy = count > BUSY_WRITE_FRAMES;
         self.transport.write_batch(batch).await?;
         if !busy {
             self.transport.trim();
@@ -652,7 +652,7 @@ impl<P: Protocol, T: Transport> Session<P, T> {
             let now = crate::clock::now_micros();
             meters.commit_to_send.record((now - oldest).max(0) as f64 / 1e6);
         }
-        Ok(())
+        Ok(busy)
     }
 
     /// Closes every channel whose token has expired, telling the client why.

@@ -382,7 +382,8 @@ impl<T: Transport> Session<SocketIo, T> {
         let mut queued = Vec::new();
         self.core.handle.queue().take(&mut queued, usize::MAX);
         self.protocol.outgoing(&queued);
-        self.write_batch(&mut queued, false).await?;
+        // A long replay keeps no buffer: the CONNECT reply's flush right after gives it back.
+        self.write_batch(&mut queued).await?;
         self.send_packet(&connect_reply(&sid, pid)).await?;
         metrics::counter!("pgcast_socketio_recoveries_total", "result" => "recovered").increment(1);
         self.core
